@@ -1,0 +1,224 @@
+"""Transformer configuration: one frozen dataclass, named presets, official config.json I/O.
+
+Field names are the keys of the official ``transformer/<variant>/config.json`` so that an
+official file reads straight in and ``dataclasses.replace`` derives variants. Keys of the
+official file that name a choice this port does not vary (they have one value in every
+released checkpoint) are checked rather than stored: see ``_FIXED_OFFICIAL``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+# Official config keys whose value is the same in every released checkpoint and which the
+# model implements only in that form. A config asking for anything else is rejected rather
+# than silently run with the wrong architecture.
+_FIXED_OFFICIAL: dict[str, Any] = {
+    "concat_condition": True,
+    "mlp_act_type": "gelu_tanh",
+    "mm_single_blocks_depth": 0,
+    "qk_norm": True,
+    "qk_norm_type": "rms",
+    "qkv_bias": True,
+    "guidance_embed": False,
+    "text_projection": "single_refiner",
+    "use_attention_mask": True,
+    "text_pool_type": None,
+    "glyph_byT5_v2": True,
+    "vision_projection": "linear",
+    "is_reshape_temporal_channels": False,
+    "use_cond_type_embedding": True,
+}
+# Official keys that select runtime behaviour of the reference implementation (its attention
+# kernel) or are unused by the released architecture; they do not change the math.
+_IGNORED_OFFICIAL = frozenset({"attn_mode", "attn_param", "text_states_dim_2"})
+
+# Keys of diffusers' HunyuanVideo15Transformer3DModel config (converted in _diffusers_to_official_config).
+_DIFFUSERS_KEYS = frozenset({
+    "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers",
+    "num_refiner_layers", "mlp_ratio", "patch_size", "patch_size_t", "qk_norm", "text_embed_dim",
+    "text_embed_2_dim", "image_embed_dim", "rope_theta", "rope_axes_dim", "target_size",
+    "task_type", "use_meanflow",
+})
+_TARGET_SIZE_TO_RESOLUTION = {640: "480p", 960: "720p"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of the HunyuanVideo-1.5 diffusion transformer (official key names)."""
+
+    patch_size: tuple[int, int, int] = (1, 1, 1)
+    in_channels: int = 32  # latent channels; the patch embedding sees 2 * in_channels + 1
+    out_channels: int = 32
+    hidden_size: int = 2048
+    heads_num: int = 16
+    mlp_width_ratio: float = 4.0
+    mm_double_blocks_depth: int = 54
+    rope_dim_list: tuple[int, ...] = (16, 56, 56)
+    rope_theta: float = 256.0
+    use_meanflow: bool = False
+    text_states_dim: int = 3584
+    vision_states_dim: int = 1152
+    ideal_resolution: str | None = "480p"
+    ideal_task: str | None = "t2v"
+    # Hard-coded in the official code (ByT5Mapper 1472 -> 2048 -> 2048, a 2-block refiner);
+    # fields here so that small test models can shrink them.
+    byt5_states_dim: int = 1472
+    byt5_hidden_dim: int = 2048
+    refiner_depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.heads_num:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads_num {self.heads_num}")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        if len(self.rope_dim_list) != 3 or any(d % 2 for d in self.rope_dim_list):
+            raise ValueError(f"rope_dim_list must be 3 even widths (t, h, w), got {self.rope_dim_list}")
+        if sum(self.rope_dim_list) != self.head_dim:
+            raise ValueError(
+                f"rope_dim_list {self.rope_dim_list} sums to {sum(self.rope_dim_list)}, "
+                f"expected head_dim {self.head_dim}"
+            )
+        if self.ideal_task not in (None, "t2v", "i2v"):
+            raise ValueError(f"ideal_task must be 't2v', 'i2v' or null, got {self.ideal_task!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.heads_num
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_width_ratio)
+
+    @property
+    def img_in_channels(self) -> int:
+        """Channels of the model input: noisy latents, condition latents and a mask channel."""
+        return 2 * self.in_channels + 1
+
+    # ---- presets -------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str) -> DiTConfig:
+        """A named preset; ``preset_names()`` lists them."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        return tuple(PRESETS)
+
+    # ---- official config.json ------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> DiTConfig:
+        """Build from an official or a diffusers transformer config dict."""
+        if _is_diffusers_config(raw):
+            raw = _diffusers_to_official_config(raw)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(
+            k for k in raw
+            if k not in fields and k not in _FIXED_OFFICIAL and k not in _IGNORED_OFFICIAL
+            and not k.startswith("_")
+        )
+        if unknown:
+            valid = sorted(fields | set(_FIXED_OFFICIAL) | _IGNORED_OFFICIAL)
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
+        for key, expected in _FIXED_OFFICIAL.items():
+            if key in raw and raw[key] != expected:
+                raise ValueError(
+                    f"{source}: unsupported {key}={raw[key]!r}; this port implements the released "
+                    f"HunyuanVideo-1.5 architecture ({key}={expected!r})"
+                )
+        kwargs = {k: v for k, v in raw.items() if k in fields}
+        for key in ("patch_size", "rope_dim_list"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> DiTConfig:
+        """Read an official (or diffusers) transformer ``config.json``."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    def to_official_dict(self) -> dict[str, Any]:
+        """The official config.json content for this configuration."""
+        out: dict[str, Any] = {"_class_name": "HunyuanVideo_1_5_DiffusionTransformer"}
+        out.update(_FIXED_OFFICIAL)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return dict(sorted(out.items()))
+
+
+def _is_diffusers_config(raw: dict[str, Any]) -> bool:
+    return raw.get("_class_name") == "HunyuanVideo15Transformer3DModel" or "num_attention_heads" in raw
+
+
+def _diffusers_to_official_config(raw: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(k for k in raw if k not in _DIFFUSERS_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(
+            f"unknown diffusers config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_DIFFUSERS_KEYS))}"
+        )
+    out: dict[str, Any] = {}
+    if "in_channels" in raw:
+        if (raw["in_channels"] - 1) % 2:
+            raise ValueError(f"diffusers in_channels {raw['in_channels']} is not 2 * latent_channels + 1")
+        out["in_channels"] = (raw["in_channels"] - 1) // 2
+    heads = raw.get("num_attention_heads", 16)
+    out["heads_num"] = heads
+    out["hidden_size"] = heads * raw.get("attention_head_dim", 128)
+    if "qk_norm" in raw and raw["qk_norm"] != "rms_norm":
+        raise ValueError(f"unsupported diffusers qk_norm={raw['qk_norm']!r} (expected 'rms_norm')")
+    if "target_size" in raw:
+        if raw["target_size"] not in _TARGET_SIZE_TO_RESOLUTION:
+            raise ValueError(f"unsupported diffusers target_size={raw['target_size']!r}")
+        out["ideal_resolution"] = _TARGET_SIZE_TO_RESOLUTION[raw["target_size"]]
+    renames = {
+        "out_channels": "out_channels", "num_layers": "mm_double_blocks_depth",
+        "num_refiner_layers": "refiner_depth", "mlp_ratio": "mlp_width_ratio",
+        "text_embed_dim": "text_states_dim", "text_embed_2_dim": "byt5_states_dim",
+        "image_embed_dim": "vision_states_dim", "rope_theta": "rope_theta",
+        "rope_axes_dim": "rope_dim_list", "task_type": "ideal_task", "use_meanflow": "use_meanflow",
+    }
+    out.update({official: raw[key] for key, official in renames.items() if key in raw})
+    if "patch_size" in raw or "patch_size_t" in raw:
+        p, pt = raw.get("patch_size", 1), raw.get("patch_size_t", 1)
+        out["patch_size"] = (pt, p, p)
+    return out
+
+
+_RELEASED = DiTConfig()
+PRESETS: dict[str, DiTConfig] = {
+    "480p_t2v": _RELEASED,
+    "480p_i2v": dataclasses.replace(_RELEASED, ideal_task="i2v"),
+    "720p_t2v": dataclasses.replace(_RELEASED, ideal_resolution="720p"),
+    "720p_i2v": dataclasses.replace(_RELEASED, ideal_resolution="720p", ideal_task="i2v"),
+    "480p_i2v_step_distilled": dataclasses.replace(_RELEASED, ideal_task="i2v", use_meanflow=True),
+    # Small enough that a forward runs in milliseconds on a laptop CPU, with 8 heads so that
+    # every sharding strategy can split it over 8 devices.
+    "tiny": DiTConfig(
+        hidden_size=128,
+        heads_num=8,
+        rope_dim_list=(4, 6, 6),
+        mm_double_blocks_depth=2,
+        text_states_dim=64,
+        vision_states_dim=48,
+        byt5_states_dim=32,
+        byt5_hidden_dim=64,
+    ),
+}

@@ -1,0 +1,77 @@
+"""Reading user files with errors that name them, and writing files atomically.
+
+Every write goes to a temporary name in the destination folder and is renamed into place,
+so a crash or a kill never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class InputError(ValueError):
+    """Bad user input (a file, key, shape or flag); the message names it in one line."""
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    tmp = _tmp_name(path)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files owner-only; give them the usual mode
+    os.replace(tmp, path)
+
+
+def read_safetensors(
+    path: str | Path, dtype: torch.dtype | None = None, error: type[InputError] = InputError
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of one safetensors file (cast to ``dtype`` one at a time) and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            for name in f.keys():
+                t = f.get_tensor(name)
+                tensors[name] = t.to(dtype) if dtype is not None else t
+    except Exception as e:  # safetensors raises several types for truncated or corrupt files
+        raise error(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, metadata
