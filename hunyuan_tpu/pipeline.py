@@ -1,0 +1,239 @@
+"""The denoising loop: one jitted step (CFG batch, DiT forward, guidance, Euler update).
+
+The step is traced and compiled once per run: the step index is a traced argument that
+picks sigma and sigma_next from a device array, so step 2 reuses step 1's executable.
+Latents stay float32 on device between steps; the model sees them in its own dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import scheduler
+from .config import DiTConfig
+from .files import InputError
+from .model import HunyuanVideo15DiT
+from .runtime import jax_dtype, jax_view
+
+LATENT_CHANNELS = 32
+VAE_TEMPORAL, VAE_SPATIAL = 4, 16
+# Bucket base size per resolution (official target_size_config): buckets hold about
+# (base / 16)^2 latent pixels at aspect ratios up to 4:1.
+RESOLUTION_BASE = {"360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
+TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
+I2V_KEYS = ("vision_states", "image_cond_latents")
+_MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents"})
+
+
+# ---- per-run settings ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    flow_shift: float = 5.0
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance runs only when it changes the result (official: scale > 1)."""
+        return self.guidance_scale > 1.0
+
+
+def default_sampling(config: DiTConfig) -> SamplingSettings:
+    """The official per-checkpoint defaults (PIPELINE_CONFIGS of the reference pipeline)."""
+    if config.use_meanflow:  # 480p_i2v_step_distilled
+        return SamplingSettings(num_inference_steps=12, guidance_scale=1.0, flow_shift=7.0)
+    shift = {("720p", "t2v"): 9.0, ("720p", "i2v"): 7.0}.get((config.ideal_resolution, config.ideal_task), 5.0)
+    return SamplingSettings(flow_shift=shift)
+
+
+def bucket_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(height, width) of the official resolution bucket closest to ``aspect_ratio`` ("W:H")."""
+    if resolution not in RESOLUTION_BASE:
+        raise InputError(f"resolution {resolution!r} is not one of {', '.join(RESOLUTION_BASE)}")
+    try:
+        w, h = (int(v) for v in aspect_ratio.split(":"))
+        assert w > 0 and h > 0
+    except (ValueError, AssertionError):
+        raise InputError(f"aspect_ratio {aspect_ratio!r} must be two positive integers W:H, e.g. 16:9") from None
+    patches = round((RESOLUTION_BASE[resolution] / 16) ** 2)
+    buckets, wp, hp = [], patches, 1  # the official generate_crop_size_list walk, max ratio 4
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= 4.0:
+            buckets.append((wp * 16, hp * 16))
+        if (hp + 1) * wp <= patches:
+            hp += 1
+        else:
+            wp -= 1
+    ratios = np.array([round(bh / bw, 5) for bh, bw in buckets])
+    return buckets[int(np.abs(ratios - h / w).argmin())]
+
+
+def latent_shape(video_length: int, height: int, width: int) -> tuple[int, int, int]:
+    """Latent (T, H, W) for a video of ``video_length`` frames of ``height`` x ``width`` pixels."""
+    if video_length < 1 or (video_length - 1) % VAE_TEMPORAL:
+        raise InputError(f"--video_length {video_length} must be of the form 4k+1 (e.g. 33, 49, 121)")
+    for name, size in (("height", height), ("width", width)):
+        if size < VAE_SPATIAL or size % VAE_SPATIAL:
+            raise InputError(f"--{name} {size} must be a positive multiple of {VAE_SPATIAL}")
+    return (video_length - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
+
+
+def initial_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Seeded (1, 32, T, H, W) float32 noise from torch's CPU generator: the same on every platform."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, LATENT_CHANNELS, *shape, generator=g, dtype=torch.float32).numpy()
+
+
+# ---- conditions ------------------------------------------------------------------------------
+
+def _trim(states: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop trailing slots that are padding in every sample (they never change the image)."""
+    valid = np.flatnonzero(mask.any(axis=0))
+    keep = int(valid[-1]) + 1 if valid.size else 1
+    return states[:, :keep], mask[:, :keep]
+
+
+def _pad_to(a: np.ndarray, length: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, length - a.shape[1])
+    return np.pad(a, pad)
+
+
+def build_conditions(
+    embeddings: dict[str, np.ndarray],
+    *,
+    task: str,
+    shape: tuple[int, int, int],
+    cfg: bool,
+    trim_padding: bool = True,
+) -> dict[str, np.ndarray]:
+    """Host arrays for the step: text conditions batched [negative, positive] when ``cfg``,
+    and the (1, 33, T, H, W) condition latents + mask channel (i2v: first frame)."""
+    out: dict[str, np.ndarray] = {}
+    for states_key, mask_key in (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2")):
+        pairs = [(embeddings[states_key], embeddings[mask_key])]
+        if cfg:
+            pairs.insert(0, (embeddings["negative_" + states_key], embeddings["negative_" + mask_key]))
+        length = max(s.shape[1] for s, _ in pairs)  # negative and positive may be padded differently
+        states = np.concatenate([_pad_to(s, length) for s, _ in pairs])
+        mask = np.concatenate([_pad_to(m, length) for _, m in pairs]).astype(np.int32)
+        out[states_key], out[mask_key] = _trim(states, mask) if trim_padding else (states, mask)
+    cond = np.zeros((1, LATENT_CHANNELS + 1, *shape), np.float32)
+    if task == "i2v":
+        out["vision_states"] = np.repeat(embeddings["vision_states"], 2 if cfg else 1, axis=0)
+        cond[:, :LATENT_CHANNELS, 0] = embeddings["image_cond_latents"][:, :, 0]
+        cond[:, LATENT_CHANNELS, 0] = 1.0
+    out["cond_latents"] = cond
+    return out
+
+
+# ---- the step --------------------------------------------------------------------------------
+
+def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype) -> Callable:
+    """``step(params, conditions, latents, i) -> latents`` for one Euler step with CFG.
+
+    ``conditions`` holds the device arrays from ``build_conditions`` plus ``sigmas`` (N+1,)
+    and ``guidance_scale`` (scalar); ``i`` is the traced step index.
+    """
+
+    def step(params, conditions, latents, i):
+        sigma, sigma_next = conditions["sigmas"][i], conditions["sigmas"][i + 1]
+        x = jnp.concatenate([latents, conditions["cond_latents"]], axis=1).astype(dtype)
+        batch = 2 if cfg else 1
+        x = jnp.concatenate([x] * batch)
+        t = jnp.full((batch,), sigma * 1000)
+        # meanflow: the model also sees the next timestep (0 on the last step, as sigmas end at 0)
+        t_r = jnp.full((batch,), sigma_next * 1000) if meanflow else None
+        with jax.named_scope("dit"):
+            v = apply(
+                params, x, t,
+                conditions["prompt_embeds"], conditions["prompt_mask"],
+                conditions["prompt_embeds_2"], conditions["prompt_mask_2"],
+                conditions.get("vision_states"), t_r,
+            ).astype(jnp.float32)
+        with jax.named_scope("scheduler"):
+            if cfg:
+                v_uncond, v_cond = v[:1], v[1:]
+                v = v_uncond + conditions["guidance_scale"] * (v_cond - v_uncond)
+            return scheduler.euler_step(latents, v, sigma, sigma_next)
+
+    return step
+
+
+class Denoiser:
+    """A model and one run's conditions on device, with the step compiled once."""
+
+    def __init__(
+        self,
+        model: HunyuanVideo15DiT,
+        conditions: dict[str, np.ndarray],
+        settings: SamplingSettings,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        self.settings = settings
+        self.dtype = dtype
+        jdtype = jax_dtype(dtype)
+        self.params, apply = jax_view(model.to(dtype))
+        host = {k: v.astype(jdtype) if k in _MODEL_DTYPE_KEYS else v for k, v in conditions.items()}
+        host["sigmas"] = scheduler.sigmas(settings.num_inference_steps, settings.flow_shift)
+        host["guidance_scale"] = np.float32(settings.guidance_scale)
+        self.conditions = jax.device_put(host)
+        step = make_step(apply, cfg=settings.cfg, meanflow=model.config.use_meanflow, dtype=jdtype)
+        self._jitted = jax.jit(step, donate_argnums=2)
+        self._compiled = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.settings.num_inference_steps
+
+    def compile(self, latents_shape: tuple[int, ...]) -> float:
+        """Trace and compile the step ahead of time; returns the seconds it took."""
+        start = time.perf_counter()
+        latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32)
+        self._compiled = self._jitted.lower(self.params, self.conditions, latents, 0).compile()
+        return time.perf_counter() - start
+
+    def step(self, latents: jax.Array, i: int) -> jax.Array:
+        if self._compiled is None:
+            self.compile(latents.shape)
+        return self._compiled(self.params, self.conditions, latents, i)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    latents: np.ndarray
+    step_seconds: list[float]
+
+
+def denoise(
+    denoiser: Denoiser,
+    latents: np.ndarray,
+    start_step: int = 0,
+    *,
+    on_step: Callable[[int, jax.Array], None] | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Run steps ``start_step .. N-1`` from host ``latents``; ``on_step(i + 1, latents)`` after each.
+
+    Each step is waited for, so that the per-step times are real; nothing else leaves the
+    device unless ``on_step`` asks for it.
+    """
+    x = jax.device_put(np.asarray(latents, np.float32))
+    times = []
+    for i in tqdm(range(start_step, denoiser.num_steps), desc="denoise", unit="step", disable=not progress,
+                  initial=start_step, total=denoiser.num_steps):
+        begin = time.perf_counter()
+        x = denoiser.step(x, i).block_until_ready()
+        times.append(time.perf_counter() - begin)
+        if on_step is not None:
+            on_step(i + 1, x)
+    return LoopResult(np.asarray(x), times)

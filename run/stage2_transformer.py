@@ -1,0 +1,232 @@
+"""Stage 2: denoise the latent video with the DiT, from stage-1 embeddings to latents.safetensors.
+
+    python run/stage2_transformer.py --input_dir ./stage_outputs --video_length 121
+    python run/stage2_transformer.py --demo          # no stage-1 outputs, no weights needed
+
+Every setting comes from the command line if given, else from the input config.json (written
+by stage 1 or --demo), else the built-in default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+
+from hunyuan_tpu import handoff
+from hunyuan_tpu.checkpoint import checkpoint_config, load_transformer
+from hunyuan_tpu.config import PRESETS, DiTConfig
+from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
+from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.pipeline import (
+    LATENT_CHANNELS, Denoiser, SamplingSettings, bucket_size, build_conditions, default_sampling,
+    denoise, initial_noise, latent_shape,
+)
+from hunyuan_tpu.random_init import randomize_like_trained_
+from hunyuan_tpu.synthetic import stage1_embeddings
+from stage_cli import Parser, resolve, run_main
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+CHECKPOINT_NAME = "stage2_checkpoint.safetensors"
+# The weight-free demo: the tiny preset at 9 frames of 112x64 pixels (3 x 4 x 7 latents).
+DEMO_CONFIG = {
+    "prompt": "(demo) seeded random embeddings in place of a text encoder",
+    "negative_prompt": "",
+    "task": "t2v",
+    "resolution": "480p",
+    "aspect_ratio": "16:9",
+    "model": "tiny",
+    "dtype": "float32",
+    "video_length": 9,
+    "height": 64,
+    "width": 112,
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        description="Stage 2: denoise the latent video with the DiT (stage-1 embeddings -> latents.safetensors).",
+        epilog="Each setting comes from the command line if given, else from the input config.json "
+        "(written by stage 1 or --demo), else the default shown.",
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input_dir", default="./stage_outputs", metavar="DIR", help="stage-1 folder (default: %(default)s)")
+    io.add_argument("--output_dir", metavar="DIR", help="where latents.safetensors and config.json go (default: --input_dir)")
+    io.add_argument("--demo", action="store_true",
+                    help="write seeded tiny stage-1 outputs to --output_dir first, then run on them (no weights)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH|PRESET", help="checkpoint file or folder, or a preset name for seeded random weights "
+                       f"({', '.join(PRESETS)}; default: tiny)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations dtype (default: bfloat16)")
+
+    video = p.add_argument_group("video")
+    video.add_argument("--video_length", type=int, metavar="N", help="frames, 4k+1 (default: 49)")
+    video.add_argument("--resolution", metavar="480p|720p", help="480p or 720p bucket family (default: the model's)")
+    video.add_argument("--aspect_ratio", metavar="W:H", help="W:H, picks the closest bucket (default: 16:9)")
+    video.add_argument("--height", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
+    video.add_argument("--width", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
+
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--num_inference_steps", type=int, metavar="N", help="Euler steps (default: 50; 12 step-distilled)")
+    sampling.add_argument("--guidance_scale", type=float, metavar="G", help="CFG scale, <= 1 disables CFG (default: 6.0; 1.0 distilled)")
+    sampling.add_argument("--flow_shift", type=float, metavar="S", help="schedule shift (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
+    sampling.add_argument("--seed", type=int, metavar="N", help="initial noise seed (default: 42)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
+    run.add_argument("--checkpoint_every", type=int, metavar="N", help="save step and latents every N steps (default: 0, off)")
+    run.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in the output folder")
+    return p
+
+
+GENERAL_DEFAULTS = {
+    "model": (str, "tiny"),
+    "dtype": (str, "bfloat16"),
+    "task": (str, "t2v"),
+    "resolution": (str, None),
+    "aspect_ratio": (str, "16:9"),
+    "height": (int, None),
+    "width": (int, None),
+    "video_length": (int, 49),
+    "seed": (int, 42),
+    "warmup_steps": (int, 2),
+    "checkpoint_every": (int, 0),
+}
+
+
+def write_demo_inputs(folder: Path) -> None:
+    config_path = folder / handoff.CONFIG_NAME
+    if config_path.exists() and not handoff.read_config(folder).get("stage1", {}).get("demo"):
+        raise InputError(f"{config_path}: holds real stage-1 outputs; give --demo another --output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
+    handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
+    handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
+
+
+def model_config(name: str) -> DiTConfig:
+    if Path(name).exists():
+        return checkpoint_config(name)
+    if name in PRESETS:
+        return DiTConfig.preset(name)
+    raise InputError(f"--model {name}: no such checkpoint file or folder, and not a preset ({', '.join(PRESETS)})")
+
+
+def build_model(name: str, config: DiTConfig, dtype: torch.dtype) -> HunyuanVideo15DiT:
+    if Path(name).exists():
+        return load_transformer(name, config, dtype=dtype)
+    print(f"model {name}: seeded random weights (no checkpoint)", file=sys.stderr)
+    return randomize_like_trained_(HunyuanVideo15DiT(config), seed=0).to(dtype)
+
+
+def fingerprint(settings: dict, embeddings_file: Path) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(embeddings_file.read_bytes())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.output_dir or args.input_dir)
+    if args.demo:
+        write_demo_inputs(out_dir)
+    in_dir = out_dir if args.demo else Path(args.input_dir)
+    stage_config = handoff.read_config(in_dir)
+    source = str(in_dir / handoff.CONFIG_NAME)
+
+    s = resolve(args, stage_config, GENERAL_DEFAULTS, source)
+    if s["dtype"] not in DTYPES:
+        raise InputError(f"dtype {s['dtype']!r} is not one of {', '.join(DTYPES)}")
+    dtype = DTYPES[s["dtype"]]
+    if s["task"] not in handoff.TASKS:
+        raise InputError(f"{source}: task {s['task']!r} is not one of {', '.join(handoff.TASKS)}")
+    config = model_config(s["model"])
+    if config.ideal_task not in (None, s["task"]):
+        raise InputError(f"--model {s['model']} is trained for {config.ideal_task}, but the run is {s['task']}")
+    defaults = default_sampling(config)
+    s.update(resolve(args, stage_config, {
+        "num_inference_steps": (int, defaults.num_inference_steps),
+        "guidance_scale": (float, defaults.guidance_scale),
+        "flow_shift": (float, defaults.flow_shift),
+    }, source))
+    for key in ("num_inference_steps",):
+        if s[key] < 1:
+            raise InputError(f"--{key} must be >= 1, got {s[key]}")
+    for key in ("warmup_steps", "checkpoint_every"):
+        if s[key] < 0:
+            raise InputError(f"--{key} must be >= 0, got {s[key]}")
+    s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
+    bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
+    s["height"], s["width"] = s["height"] or bucket_h, s["width"] or bucket_w
+    shape = latent_shape(s["video_length"], s["height"], s["width"])
+    settings = SamplingSettings(s["num_inference_steps"], s["guidance_scale"], s["flow_shift"])
+    embeddings = handoff.read_embeddings(in_dir, task=s["task"], model=config, latent_hw=shape[1:])
+    conditions = build_conditions(embeddings, task=s["task"], shape=shape, cfg=settings.cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    run_id = fingerprint({k: v for k, v in s.items() if k not in ("warmup_steps", "checkpoint_every")},
+                         in_dir / handoff.EMBEDDINGS_NAME)
+    latents, start_step = initial_noise(s["seed"], shape), 0
+    if args.resume and checkpoint_path.exists():
+        saved, meta = read_safetensors(checkpoint_path)
+        if meta.get("run") != run_id:
+            raise InputError(f"{checkpoint_path}: saved by a run with other settings or inputs; drop --resume or the file")
+        latents, start_step = saved["latents"].float().numpy(), int(meta["step"])
+        print(f"resuming at step {start_step} of {settings.num_inference_steps}", file=sys.stderr)
+    elif args.resume:
+        print(f"no {checkpoint_path.name} in {out_dir}: starting from step 0", file=sys.stderr)
+
+    model = build_model(s["model"], config, dtype)
+    denoiser = Denoiser(model, conditions, settings, dtype)
+    del model
+    compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))
+
+    warmup_begin = time.perf_counter()
+    warm = jax.device_put(latents)
+    for i in range(min(s["warmup_steps"], settings.num_inference_steps)):
+        warm = denoiser.step(warm, i)
+    jax.block_until_ready(warm)
+    warmup_s = time.perf_counter() - warmup_begin
+
+    def save_checkpoint(step: int, x: jax.Array) -> None:
+        if s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < settings.num_inference_steps:
+            save_safetensors({"latents": torch.tensor(np.asarray(x))}, checkpoint_path,
+                             metadata={"step": str(step), "run": run_id})
+
+    result = denoise(denoiser, latents, start_step, on_step=save_checkpoint)
+    handoff.write_latents(out_dir, result.latents)
+    steps_run = len(result.step_seconds)
+    mean_step_s = float(np.mean(result.step_seconds)) if steps_run else 0.0
+    total_s = time.perf_counter() - started
+    device = jax.devices()[0]
+    record = {
+        **s,
+        "latent_shape": list(shape),
+        "steps": steps_run,
+        "full_steps": steps_run,
+        "cached_steps": 0,
+        "resumed_from_step": start_step,
+        "compile_s": round(compile_s, 3),
+        "warmup_s": round(warmup_s, 3),
+        "mean_step_s": round(mean_step_s, 4),
+        "total_s": round(total_s, 3),
+        "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
+    }
+    handoff.update_config(out_dir, {**stage_config, "stage2": record})
+    checkpoint_path.unlink(missing_ok=True)
+    print(f"stage 2: compile {compile_s:.2f} s | {steps_run} steps, mean {mean_step_s:.4f} s/step | "
+          f"total {total_s:.2f} s -> {out_dir / handoff.LATENTS_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

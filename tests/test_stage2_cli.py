@@ -1,0 +1,193 @@
+"""run/stage2_transformer.py end to end, in subprocesses, on the weight-free tiny demo."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hunyuan_tpu.checkpoint import save_transformer
+from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.random_init import randomize_like_trained_
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run" / "stage2_transformer.py"
+
+
+def stage2(*args, check=True):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def latents(folder: Path) -> np.ndarray:
+    return load_file(str(folder / "latents.safetensors"))["latents"].numpy()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    proc = stage2("--demo", "--output_dir", folder)
+    assert "stage 2: compile" in proc.stdout and "s/step" in proc.stdout
+    return folder
+
+
+def test_demo_writes_latents_and_record(demo):
+    config = json.loads((demo / "config.json").read_text())
+    record = config["stage2"]
+    for key in ("steps", "full_steps", "cached_steps", "compile_s", "mean_step_s", "total_s", "devices"):
+        assert key in record
+    assert record["steps"] == record["full_steps"] == 50 and record["cached_steps"] == 0
+    assert record["model"] == "tiny" and config["stage1"]["demo"] is True
+    out = latents(demo)
+    assert out.dtype == np.float32 and out.shape == (1, 32, *record["latent_shape"]) and np.isfinite(out).all()
+
+
+def test_same_seed_is_bit_identical(demo, tmp_path):
+    stage2("--demo", "--output_dir", tmp_path)
+    assert np.array_equal(latents(tmp_path), latents(demo))
+    stage2("--input_dir", tmp_path, "--seed", 43)
+    assert not np.allclose(latents(tmp_path), latents(demo))
+
+
+def test_precedence_cli_then_config_then_default(demo, tmp_path):
+    shutil.copytree(demo, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(num_inference_steps=3, seed=5, guidance_scale=2.5)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    stage2("--input_dir", tmp_path, "--seed", 9, "--warmup_steps", 0)
+    record = json.loads((tmp_path / "config.json").read_text())["stage2"]
+    assert record["num_inference_steps"] == 3 and record["steps"] == 3  # from config.json
+    assert record["seed"] == 9  # command line beats config.json
+    assert record["guidance_scale"] == 2.5
+    assert record["flow_shift"] == 5.0 and record["video_length"] == 9  # default / demo config
+
+
+def test_checkpoint_path_gives_the_preset_weights(demo, tmp_path):
+    model = randomize_like_trained_(HunyuanVideo15DiT(DiTConfig.preset("tiny")), seed=0)
+    save_transformer(model, tmp_path / "ckpt")
+    stage2("--input_dir", demo, "--output_dir", tmp_path / "out", "--model", tmp_path / "ckpt")
+    assert np.array_equal(latents(tmp_path / "out"), latents(demo))
+
+
+def test_help_is_grouped():
+    out = stage2("--help").stdout
+    for group in ("input and output:", "model:", "video:", "sampling:", "run:"):
+        assert group in out
+    for flag in ("--input_dir", "--output_dir", "--video_length", "--num_inference_steps", "--guidance_scale",
+                 "--seed", "--warmup_steps", "--model", "--dtype", "--aspect_ratio", "--height", "--width",
+                 "--checkpoint_every", "--resume", "--demo"):
+        assert flag in out
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+    except Exception:
+        return -1
+
+
+def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
+    # A bigger canvas than the demo's so that steps take long enough to kill the run part-way.
+    common = ["--input_dir", demo, "--height", 192, "--width", 192, "--video_length", 17,
+              "--num_inference_steps", 40, "--warmup_steps", 0]
+    stage2(*common, "--output_dir", tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, common), "--output_dir", str(interrupted),
+                             "--checkpoint_every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "stage2_checkpoint.safetensors"
+    deadline = time.time() + 120
+    while _checkpoint_step(checkpoint) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _checkpoint_step(checkpoint)
+    assert 3 <= killed_at < 40 and not (interrupted / "latents.safetensors").exists(), "the run was not killed part-way"
+    resumed = stage2(*common, "--output_dir", interrupted, "--checkpoint_every", 1, "--resume")
+    assert "resuming at step" in resumed.stderr
+    assert np.array_equal(latents(interrupted), latents(tmp_path / "straight"))
+    assert not checkpoint.exists()
+    assert json.loads((interrupted / "config.json").read_text())["stage2"]["resumed_from_step"] >= killed_at
+
+
+# ---- bad input: one line on stderr, exit 2, nothing created or clobbered ---------------------
+
+def _break_tensor(folder: Path, name: str, value) -> None:
+    tensors = load_file(str(folder / "embeddings.safetensors"))
+    if value is None:
+        del tensors[name]
+    else:
+        tensors[name] = value(tensors[name])
+    save_file(tensors, str(folder / "embeddings.safetensors"))
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "embeddings.safetensors").read_bytes()
+    (folder / "embeddings.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _set_config(folder: Path, **updates) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(updates)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _nan(t):
+    t = t.clone()
+    t[0, 0, 0] = float("nan")
+    return t
+
+
+BAD_INPUTS = {
+    "missing folder": (lambda f: shutil.rmtree(f), [], "no such folder"),
+    "missing embeddings": (lambda f: (f / "embeddings.safetensors").unlink(), [], "embeddings.safetensors: no such file"),
+    "truncated embeddings": (_truncate, [], "embeddings.safetensors: cannot read safetensors file"),
+    "missing tensor": (lambda f: _break_tensor(f, "negative_prompt_mask_2", None), [], "missing tensor\\(s\\) negative_prompt_mask_2"),
+    "wrong width": (lambda f: _break_tensor(f, "prompt_embeds", lambda t: torch.zeros(1, t.shape[1], 3584)), [],
+                    "prompt_embeds is 3584 wide but the model takes 64"),
+    "non-finite": (lambda f: _break_tensor(f, "prompt_embeds_2", _nan), [], "prompt_embeds_2 has non-finite values"),
+    "video length": (lambda f: None, ["--video_length", 50], "--video_length 50 must be of the form 4k\\+1"),
+    "resolution": (lambda f: None, ["--width", 100], "--width 100 must be a positive multiple of 16"),
+    "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not a valid int"),
+    "unknown model": (lambda f: None, ["--model", "nonexistent"], "--model nonexistent: no such checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case, demo, tmp_path):
+    breaker, extra, message = BAD_INPUTS[case]
+    folder = tmp_path / "in"
+    shutil.copytree(demo, folder)
+    (folder / "latents.safetensors").write_bytes(b"previous run")
+    out = tmp_path / "out"
+    breaker(folder)
+    proc = stage2("--input_dir", folder, "--output_dir", out, *extra, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()
+    if folder.exists():
+        assert (folder / "latents.safetensors").read_bytes() == b"previous run"
+
+
+def test_demo_refuses_to_overwrite_real_inputs(demo, tmp_path):
+    shutil.copytree(demo, tmp_path, dirs_exist_ok=True)
+    _set_config(tmp_path, stage1={"text_encoder": "qwen"})
+    before = (tmp_path / "embeddings.safetensors").read_bytes()
+    proc = stage2("--demo", "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "holds real stage-1 outputs" in proc.stderr
+    assert (tmp_path / "embeddings.safetensors").read_bytes() == before
