@@ -22,6 +22,7 @@ from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
+from hunyuan_tpu.runtime import jax_view
 from hunyuan_tpu.synthetic import stage1_embeddings
 
 
@@ -76,7 +77,8 @@ def main() -> None:
             eager_times.append(time.perf_counter() - begin)
     eager = x.numpy()
 
-    denoiser = pipeline.Denoiser(model, conditions, settings, dtype)
+    params, _ = jax_view(model)
+    denoiser = pipeline.Denoiser(cfg, params, conditions, settings)
     compile_s = denoiser.compile(noise.shape)
     result = pipeline.denoise(denoiser, noise, progress=False)
     jit_times = result.step_seconds

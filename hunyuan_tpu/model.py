@@ -10,7 +10,9 @@ Shapes: B batch, L image tokens (T*H*W after patching), S text slots, C hidden, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,27 @@ import torch.nn.functional as F
 from .config import DiTConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+Layout = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def keep_layout(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a forward is placed on devices. The defaults run the model as plain PyTorch.
+
+    ``layout(x, name)`` is called on named activations so that a sharded runtime can pin their
+    placement (names and shapes: "img" (B, L, C) and "txt" (B, S, C) residual streams,
+    "img_heads"/"txt_heads" (B, L, N, D) attention inputs, "img_attn"/"txt_attn" (B, L, C)
+    attention outputs, "img_mlp"/"txt_mlp" (B, L, F) MLP hidden states). ``token_multiple``
+    pads the image tokens to a multiple of itself; padded tokens are masked keys and are
+    dropped before the output, so they never change the result.
+    """
+
+    layout: Layout = keep_layout
+    token_multiple: int = 1
 
 
 # ---- functional pieces -----------------------------------------------------------------------
@@ -255,7 +278,13 @@ class DoubleStreamBlock(nn.Module):
         return x.unflatten(-1, (self.heads, -1))
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope, key_mask: torch.Tensor
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        rope: Rope,
+        key_mask: torch.Tensor,
+        layout: Layout = keep_layout,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
@@ -264,22 +293,26 @@ class DoubleStreamBlock(nn.Module):
         img_q = apply_rope(self.img_attn_q_norm(self._heads(self.img_attn_q(x))), rope)
         img_k = apply_rope(self.img_attn_k_norm(self._heads(self.img_attn_k(x))), rope)
         img_v = self._heads(self.img_attn_v(x))
+        img_q, img_k, img_v = (layout(a, "img_heads") for a in (img_q, img_k, img_v))
 
         x = modulate(layer_norm(txt), txt_shift1, txt_scale1)
         txt_q = self.txt_attn_q_norm(self._heads(self.txt_attn_q(x)))
         txt_k = self.txt_attn_k_norm(self._heads(self.txt_attn_k(x)))
         txt_v = self._heads(self.txt_attn_v(x))
+        txt_q, txt_k, txt_v = (layout(a, "txt_heads") for a in (txt_q, txt_k, txt_v))
 
         attn = attention(
             torch.cat([img_q, txt_q], 1), torch.cat([img_k, txt_k], 1), torch.cat([img_v, txt_v], 1), key_mask
         )
         img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)
 
-        img = img + img_gate1[:, None] * self.img_attn_proj(img_attn)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn_proj(txt_attn)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
-        return img, txt
+        img = img + img_gate1[:, None] * self.img_attn_proj(layout(img_attn, "img_attn"))
+        x = modulate(layer_norm(img), img_shift2, img_scale2)
+        img = img + img_gate2[:, None] * self.img_mlp.fc2(layout(self.img_mlp.act(self.img_mlp.fc1(x)), "img_mlp"))
+        txt = txt + txt_gate1[:, None] * self.txt_attn_proj(layout(txt_attn, "txt_attn"))
+        x = modulate(layer_norm(txt), txt_shift2, txt_scale2)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp.fc2(layout(self.txt_mlp.act(self.txt_mlp.fc1(x)), "txt_mlp"))
+        return layout(img, "img"), layout(txt, "txt")
 
 
 class FinalLayer(nn.Module):
@@ -298,9 +331,10 @@ class FinalLayer(nn.Module):
 class HunyuanVideo15DiT(nn.Module):
     """HunyuanVideo-1.5 DiT: 65-channel latents + text conditions -> 32-channel velocity."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, execution: Execution = Execution()):
         super().__init__()
         self.config = cfg = config
+        self.execution = execution
         dim = cfg.hidden_size
         self.img_in = PatchEmbed(cfg.img_in_channels, dim, cfg.patch_size)
         self.txt_in = TokenRefiner(cfg.text_states_dim, dim, cfg.heads_num, cfg.refiner_depth)
@@ -362,19 +396,25 @@ class HunyuanVideo15DiT(nn.Module):
         vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models.
         Returns (B, 32, T, H, W).
         """
-        cfg = self.config
+        cfg, layout = self.config, self.execution.layout
         if timestep_r is not None and self.time_r_in is None:
             raise ValueError("timestep_r given but this model has no time_r_in (use_meanflow=False)")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
 
         img = self.img_in(x)
+        tokens = img.shape[1]
+        padding = -tokens % self.execution.token_multiple
+        img = layout(F.pad(img, (0, 0, 0, padding)), "img")
         vec = self.time_in(t)
         if timestep_r is not None:
             vec = vec + self.time_r_in(timestep_r)
         txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
-        rope = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
-        key_mask = torch.cat([torch.ones_like(img[..., 0], dtype=torch.bool), txt_mask], dim=1)
+        txt = layout(txt, "txt")
+        cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
+        rope = F.pad(cos, (0, 0, 0, padding), value=1.0), F.pad(sin, (0, 0, 0, padding))
+        image_mask = torch.arange(tokens + padding, device=x.device) < tokens
+        key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, key_mask)
-        return unpatchify(self.final_layer(img, vec), grid, cfg.patch_size)
+            img, txt = block(img, txt, vec, rope, key_mask, layout)
+        return unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)

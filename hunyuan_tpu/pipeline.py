@@ -17,11 +17,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import scheduler
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharding import Strategy
+
+from . import parallel, scheduler
 from .config import DiTConfig
 from .files import InputError
-from .model import HunyuanVideo15DiT
-from .runtime import jax_dtype, jax_view
+from .model import Execution
+from .params import meta_model
+from .attention import Kernel, xla_attention
+from .runtime import JaxParams, functional, tracing
 
 LATENT_CHANNELS = 32
 VAE_TEMPORAL, VAE_SPATIAL = 4, 16
@@ -169,26 +176,64 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype) -> Callable:
     return step
 
 
+def replicated(mesh: Mesh | None) -> NamedSharding | None:
+    """Where latents and conditions live: on every device of the mesh (they are small)."""
+    return NamedSharding(mesh, P()) if mesh is not None else None
+
+
+def device_conditions(conditions: dict[str, np.ndarray], settings: SamplingSettings, dtype) -> dict[str, np.ndarray]:
+    """``build_conditions`` output in the step's dtypes, plus the run's sigmas and guidance scale."""
+    host = {k: v.astype(dtype) if k in _MODEL_DTYPE_KEYS else v for k, v in conditions.items()}
+    host["sigmas"] = scheduler.sigmas(settings.num_inference_steps, settings.flow_shift)
+    host["guidance_scale"] = np.float32(settings.guidance_scale)
+    return host
+
+
+def step_function(
+    config: DiTConfig,
+    settings: SamplingSettings,
+    dtype,
+    *,
+    mesh: Mesh | None = None,
+    strategy: Strategy | None = None,
+) -> Callable:
+    """The jitted step for ``config``, laid out by ``strategy`` on ``mesh`` (both or neither).
+
+    Latents go in and come out replicated, so every step has the same signature and reuses
+    one executable; the latents buffer is donated.
+    """
+    if (mesh is None) != (strategy is None):
+        raise ValueError("give both mesh and strategy, or neither")
+    model = meta_model(config, parallel.execution(strategy, mesh) if mesh is not None else Execution())
+    step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype)
+    # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
+    # argument memory is exactly what the sharding tables imply
+    return jax.jit(step, donate_argnums=2, out_shardings=replicated(mesh), keep_unused=True)
+
+
 class Denoiser:
-    """A model and one run's conditions on device, with the step compiled once."""
+    """One run's parameters and conditions on device, with the step compiled once.
+
+    ``params`` (from ``hunyuan_tpu.params``) fix the model dtype and, with ``mesh`` and
+    ``strategy``, where each weight lives; the step's activations follow the strategy's layouts.
+    """
 
     def __init__(
         self,
-        model: HunyuanVideo15DiT,
+        config: DiTConfig,
+        params: JaxParams,
         conditions: dict[str, np.ndarray],
         settings: SamplingSettings,
-        dtype: torch.dtype = torch.bfloat16,
+        *,
+        mesh: Mesh | None = None,
+        strategy: Strategy | None = None,
+        attention: Kernel = xla_attention,
     ):
-        self.settings = settings
-        self.dtype = dtype
-        jdtype = jax_dtype(dtype)
-        self.params, apply = jax_view(model.to(dtype))
-        host = {k: v.astype(jdtype) if k in _MODEL_DTYPE_KEYS else v for k, v in conditions.items()}
-        host["sigmas"] = scheduler.sigmas(settings.num_inference_steps, settings.flow_shift)
-        host["guidance_scale"] = np.float32(settings.guidance_scale)
-        self.conditions = jax.device_put(host)
-        step = make_step(apply, cfg=settings.cfg, meanflow=model.config.use_meanflow, dtype=jdtype)
-        self._jitted = jax.jit(step, donate_argnums=2)
+        self.settings, self.mesh, self.params, self.attention = settings, mesh, params, attention
+        dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
+        self.latents_sharding = replicated(mesh)
+        self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
+        self._jitted = step_function(config, settings, dtype, mesh=mesh, strategy=strategy)
         self._compiled = None
 
     @property
@@ -198,9 +243,13 @@ class Denoiser:
     def compile(self, latents_shape: tuple[int, ...]) -> float:
         """Trace and compile the step ahead of time; returns the seconds it took."""
         start = time.perf_counter()
-        latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32)
-        self._compiled = self._jitted.lower(self.params, self.conditions, latents, 0).compile()
+        latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
+        with tracing(self.mesh, self.attention):
+            self._compiled = self._jitted.lower(self.params, self.conditions, latents, 0).compile()
         return time.perf_counter() - start
+
+    def place(self, latents: np.ndarray) -> jax.Array:
+        return jax.device_put(np.asarray(latents, np.float32), self.latents_sharding)
 
     def step(self, latents: jax.Array, i: int) -> jax.Array:
         if self._compiled is None:
@@ -227,7 +276,7 @@ def denoise(
     Each step is waited for, so that the per-step times are real; nothing else leaves the
     device unless ``on_step`` asks for it.
     """
-    x = jax.device_put(np.asarray(latents, np.float32))
+    x = denoiser.place(latents)
     times = []
     for i in tqdm(range(start_step, denoiser.num_steps), desc="denoise", unit="step", disable=not progress,
                   initial=start_step, total=denoiser.num_steps):

@@ -7,8 +7,11 @@ dtype policy and any future op override live here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,34 +19,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchax
+from jax.sharding import Mesh, Sharding
 from torchax import interop
 from torchax.ops import mappings
 from torchax.tensor import Environment
 
+from .attention import Kernel, on_mesh, xla_attention
+
 JaxParams = dict[str, jax.Array]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, scale: float) -> jax.Array:
-    """Reference attention in plain jnp: (B, N, L, D) x3, key_mask broadcastable to (B, N, L, S).
+@dataclasses.dataclass(frozen=True)
+class Tracing:
+    mesh: Mesh | None = None
+    attention: Kernel = xla_attention
 
-    Scores and softmax in float32 whatever the input dtype; masked keys get -inf. Every row has
-    at least one valid key by construction of the model (image tokens, refiner slot 0).
-    """
-    scores = jnp.einsum("bnld,bnsd->bnls", q, k, preferred_element_type=jnp.float32) * scale
-    if key_mask is not None:
-        scores = jnp.where(key_mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bnls,bnsd->bnld", probs.astype(v.dtype), v)
+
+# What the attention override uses while a step is traced; set with ``tracing``. A context
+# variable rather than state on the (process-wide) torchax environment, so that it is scoped.
+_TRACING: contextvars.ContextVar[Tracing] = contextvars.ContextVar("hunyuan_tpu_tracing", default=Tracing())
+
+
+@contextlib.contextmanager
+def tracing(mesh: Mesh | None = None, attention: Kernel = xla_attention):
+    """Trace model code under ``mesh`` with ``attention`` as the kernel of every SDPA call."""
+    token = _TRACING.set(Tracing(mesh, attention))
+    try:
+        with torchax_env().override_property(mesh=mesh):
+            yield
+    finally:
+        _TRACING.reset(token)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention`` for torchax tensors, limited to what the model uses."""
     if dropout_p or is_causal or enable_gqa:
         raise NotImplementedError("the hunyuan_tpu attention override supports masked, non-causal attention only")
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        raise NotImplementedError("the hunyuan_tpu attention override takes boolean masks only")
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.shape[1:3] != (1, 1):
+        raise NotImplementedError("the hunyuan_tpu attention override takes a (B, 1, 1, S) boolean key mask")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return interop.call_jax(xla_attention, query, key, value, attn_mask, scale)
+    current = _TRACING.get()
+    return interop.call_jax(on_mesh(current.attention, current.mesh), query, key, value, attn_mask, scale)
 
 
 @functools.cache
@@ -51,7 +67,8 @@ def torchax_env() -> Environment:
     """The process's torchax environment, configured on first use.
 
     torchax's own lowering of ``scaled_dot_product_attention`` builds an (L, S) bias and cannot
-    take the model's per-sample (B, 1, 1, S) key mask; it is replaced by ``xla_attention``.
+    take the model's per-sample (B, 1, 1, S) key mask; it is replaced by the kernel that
+    ``tracing`` names (``xla_attention`` by default), run per device on a mesh.
     """
     env = torchax.default_env()
     env.param  # creates the environment's PRNG key now rather than inside a later measured region
@@ -68,16 +85,14 @@ def to_host_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def jax_view(module: torch.nn.Module) -> tuple[JaxParams, Callable[..., Any]]:
-    """A module as JAX data and a pure JAX function: ``(params, apply(params, *args, **kwargs))``.
+def functional(module: torch.nn.Module) -> Callable[..., Any]:
+    """``apply(params, *args, **kwargs)``: the module's forward as a pure JAX function.
 
-    ``params`` maps official parameter names to device arrays (host copies moved by
-    ``jax.device_put``, which compiles nothing); ``apply`` takes and returns jax arrays, traces
-    cleanly under ``jax.jit`` and runs the module's ``forward`` through torchax with this
-    package's op overrides.
+    ``params`` maps parameter names to jax arrays and replaces the module's own tensors, so the
+    module may live on the meta device. Arguments and results are jax arrays; the function
+    traces cleanly under ``jax.jit`` and runs through torchax with this package's overrides.
     """
     env = torchax_env()
-    params = {name: jax.device_put(to_host_array(t)) for name, t in module.state_dict().items()}
 
     def apply(params: JaxParams, *args, **kwargs):
         params, args, kwargs = env.j2t_iso((params, args, kwargs))
@@ -85,7 +100,24 @@ def jax_view(module: torch.nn.Module) -> tuple[JaxParams, Callable[..., Any]]:
             out = torch.func.functional_call(module, params, args, kwargs)
         return env.t2j_iso(out)
 
-    return params, apply
+    return apply
+
+
+def device_array(t: torch.Tensor, sharding: Sharding | None = None) -> jax.Array:
+    """A host tensor on device (placed by ``sharding``) via ``jax.device_put``, which compiles nothing."""
+    return jax.device_put(to_host_array(t), sharding)
+
+
+def jax_view(
+    module: torch.nn.Module, dtype: torch.dtype | None = None, shardings: Mapping[str, Sharding] | None = None
+) -> tuple[JaxParams, Callable[..., Any]]:
+    """A module with real weights as ``(params, functional(module))``, the params cast to ``dtype``."""
+    shardings = shardings or {}
+    params = {
+        name: device_array(t if dtype is None else t.to(dtype), shardings.get(name))
+        for name, t in module.state_dict().items()
+    }
+    return params, functional(module)
 
 
 def jax_dtype(dtype: torch.dtype) -> jnp.dtype:

@@ -19,16 +19,16 @@ import jax
 import numpy as np
 import torch
 
-from hunyuan_tpu import handoff
-from hunyuan_tpu.checkpoint import checkpoint_config, load_transformer
+import sharding
+from hunyuan_tpu import handoff, parallel
+from hunyuan_tpu.checkpoint import checkpoint_config
 from hunyuan_tpu.config import PRESETS, DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
-from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
 from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape,
 )
-from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import Parser, resolve, run_main
 
@@ -79,6 +79,12 @@ def build_parser() -> Parser:
     sampling.add_argument("--flow_shift", type=float, metavar="S", help="schedule shift (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
     sampling.add_argument("--seed", type=int, metavar="N", help="initial noise seed (default: 42)")
 
+    devices = p.add_argument_group("devices")
+    devices.add_argument("--sharding", choices=sorted(sharding.STRATEGIES),
+                         help="strategy (sharding/*.py); default: none on one device, tp_fc2_replicated on several")
+    devices.add_argument("--mesh", metavar="SPEC", help="axis sizes over all devices, e.g. tp=8, dp=2,sp=4 "
+                         "(axes dp, fsdp, sp, tp; default: every device on the strategy's own axis)")
+
     run = p.add_argument_group("run")
     run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
     run.add_argument("--checkpoint_every", type=int, metavar="N", help="save step and latents every N steps (default: 0, off)")
@@ -98,6 +104,8 @@ GENERAL_DEFAULTS = {
     "seed": (int, 42),
     "warmup_steps": (int, 2),
     "checkpoint_every": (int, 0),
+    "sharding": (str, None),
+    "mesh": (str, None),
 }
 
 
@@ -119,11 +127,27 @@ def model_config(name: str) -> DiTConfig:
     raise InputError(f"--model {name}: no such checkpoint file or folder, and not a preset ({', '.join(PRESETS)})")
 
 
-def build_model(name: str, config: DiTConfig, dtype: torch.dtype) -> HunyuanVideo15DiT:
+def choose_layout(name: str | None, mesh_spec: str | None) -> tuple[sharding.Strategy, dict[str, int]] | None:
+    """(strategy, mesh sizes), or None for a single device without a mesh."""
+    if name is None and mesh_spec is None and jax.device_count() == 1:
+        return None
+    sizes = parallel.parse_mesh_spec(mesh_spec) if mesh_spec else None
+    if name is None and sizes is None:
+        name = "tp_fc2_replicated"
+    elif name is None:  # the strategy that uses the axes the mesh splits
+        used = [a for a in ("fsdp", "sp", "tp") if sizes[a] > 1]
+        name = {"fsdp": "fsdp", "sp": "sp", "tp": "tp_fc2_replicated"}[used[0]] if used else "replicated"
+    if name not in sharding.STRATEGIES:
+        raise InputError(f"sharding {name!r} is not one of {', '.join(sharding.STRATEGIES)}")
+    strategy = sharding.get(name)
+    return strategy, sizes or parallel.default_mesh_sizes(strategy, jax.device_count())
+
+
+def build_params(name: str, config: DiTConfig, dtype: torch.dtype, shardings) -> dict:
     if Path(name).exists():
-        return load_transformer(name, config, dtype=dtype)
+        return checkpoint_params(name, config, dtype, shardings)
     print(f"model {name}: seeded random weights (no checkpoint)", file=sys.stderr)
-    return randomize_like_trained_(HunyuanVideo15DiT(config), seed=0).to(dtype)
+    return random_params(config, dtype, seed=0, shardings=shardings)
 
 
 def fingerprint(settings: dict, embeddings_file: Path) -> str:
@@ -135,6 +159,8 @@ def fingerprint(settings: dict, embeddings_file: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    parallel.initialize_distributed()  # before anything touches a JAX backend
+    writer = jax.process_index() == 0  # on several hosts, one writes the outputs
     out_dir = Path(args.output_dir or args.input_dir)
     if args.demo:
         write_demo_inputs(out_dir)
@@ -170,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = SamplingSettings(s["num_inference_steps"], s["guidance_scale"], s["flow_shift"])
     embeddings = handoff.read_embeddings(in_dir, task=s["task"], model=config, latent_hw=shape[1:])
     conditions = build_conditions(embeddings, task=s["task"], shape=shape, cfg=settings.cfg)
+    layout = choose_layout(s["sharding"], s["mesh"])
+    mesh = strategy = shardings = None
+    if layout is not None:
+        strategy, sizes = layout
+        mesh = parallel.make_mesh(sizes)
+        shapes = {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
+        parallel.check_fit(strategy, mesh, config, shapes, batch=2 if settings.cfg else 1)
+        shardings = parallel.param_shardings(strategy, mesh, shapes)
+        s["sharding"], s["mesh"] = strategy.name, ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1"
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -185,24 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     elif args.resume:
         print(f"no {checkpoint_path.name} in {out_dir}: starting from step 0", file=sys.stderr)
 
-    model = build_model(s["model"], config, dtype)
-    denoiser = Denoiser(model, conditions, settings, dtype)
-    del model
+    params = build_params(s["model"], config, dtype, shardings)
+    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))
 
     warmup_begin = time.perf_counter()
-    warm = jax.device_put(latents)
+    warm = denoiser.place(latents)
     for i in range(min(s["warmup_steps"], settings.num_inference_steps)):
         warm = denoiser.step(warm, i)
     jax.block_until_ready(warm)
     warmup_s = time.perf_counter() - warmup_begin
 
     def save_checkpoint(step: int, x: jax.Array) -> None:
-        if s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < settings.num_inference_steps:
+        if writer and s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < settings.num_inference_steps:
             save_safetensors({"latents": torch.tensor(np.asarray(x))}, checkpoint_path,
                              metadata={"step": str(step), "run": run_id})
 
-    result = denoise(denoiser, latents, start_step, on_step=save_checkpoint)
+    result = denoise(denoiser, latents, start_step, on_step=save_checkpoint, progress=writer)
+    if not writer:
+        return 0
     handoff.write_latents(out_dir, result.latents)
     steps_run = len(result.step_seconds)
     mean_step_s = float(np.mean(result.step_seconds)) if steps_run else 0.0

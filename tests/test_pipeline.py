@@ -13,11 +13,16 @@ from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.runtime import torchax_env
+from hunyuan_tpu.runtime import jax_view, torchax_env
 from hunyuan_tpu.synthetic import stage1_embeddings
 
 diffusers = pytest.importorskip("diffusers")
 SHAPE = (3, 4, 6)  # latent T, H, W
+
+
+def _denoiser(model, conditions, settings, dtype=torch.float32):
+    params, _ = jax_view(model, dtype)
+    return pipeline.Denoiser(model.config, params, conditions, settings)
 
 
 def _setup(task: str, meanflow: bool = False, guidance: float = 4.0, steps: int = 5):
@@ -60,8 +65,7 @@ def test_loop_matches_eager_reference(task, meanflow, guidance):
     noise = pipeline.initial_noise(42, SHAPE)
     expected = _eager_reference(model, emb, task, settings, noise)
     conditions = pipeline.build_conditions(emb, task=task, shape=SHAPE, cfg=settings.cfg)
-    denoiser = pipeline.Denoiser(model, conditions, settings, dtype=torch.float32)
-    result = pipeline.denoise(denoiser, noise, progress=False)
+    result = pipeline.denoise(_denoiser(model, conditions, settings), noise, progress=False)
     assert result.latents.dtype == np.float32 and result.latents.shape == (1, 32, *SHAPE)
     assert rel_l2(result.latents, expected) <= 1e-5
 
@@ -79,7 +83,7 @@ def test_compiled_once_for_five_steps(task):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         conditions = pipeline.build_conditions(emb, task=task, shape=SHAPE, cfg=True)
-        denoiser = pipeline.Denoiser(model, conditions, settings, dtype=torch.bfloat16)
+        denoiser = _denoiser(model, conditions, settings, torch.bfloat16)
         result = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -94,8 +98,7 @@ def test_trimmed_padding_gives_the_same_latents():
     outs = []
     for trim in (True, False):
         conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True, trim_padding=trim)
-        outs.append(pipeline.denoise(pipeline.Denoiser(model, conditions, settings, torch.float32), noise,
-                                     progress=False).latents)
+        outs.append(pipeline.denoise(_denoiser(model, conditions, settings), noise, progress=False).latents)
         if trim:
             assert conditions["prompt_embeds"].shape[1] < emb["prompt_embeds"].shape[1]
     assert rel_l2(outs[0], outs[1]) <= 1e-6

@@ -25,8 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run" / "stage2_transformer.py"
 
 
-def stage2(*args, check=True):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=300)
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def stage2(*args, check=True, devices=1):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=_env(devices))
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -107,7 +115,8 @@ def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, common), "--output_dir", str(interrupted),
-                             "--checkpoint_every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--checkpoint_every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(1))
     checkpoint = interrupted / "stage2_checkpoint.safetensors"
     deadline = time.time() + 120
     while _checkpoint_step(checkpoint) < 3 and proc.poll() is None and time.time() < deadline:
@@ -121,6 +130,28 @@ def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
     assert np.array_equal(latents(interrupted), latents(tmp_path / "straight"))
     assert not checkpoint.exists()
     assert json.loads((interrupted / "config.json").read_text())["stage2"]["resumed_from_step"] >= killed_at
+
+
+def test_sharded_run_matches_one_device(demo, tmp_path):
+    stage2("--input_dir", demo, "--output_dir", tmp_path / "sp", "--sharding", "sp", "--mesh", "dp=2,sp=4", devices=8)
+    record = json.loads((tmp_path / "sp" / "config.json").read_text())["stage2"]
+    assert (record["sharding"], record["mesh"], record["devices"]["count"]) == ("sp", "dp=2,sp=4", 8)
+    out, reference = latents(tmp_path / "sp"), latents(demo)
+    assert np.linalg.norm(out - reference) / np.linalg.norm(reference) <= 1e-5
+    stage2("--input_dir", demo, "--output_dir", tmp_path / "default", devices=8)
+    record = json.loads((tmp_path / "default" / "config.json").read_text())["stage2"]
+    assert (record["sharding"], record["mesh"]) == ("tp_fc2_replicated", "tp=8")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mesh", "tp=3"], "--mesh tp=3: uses 3 devices, but 8 are available"),
+    (["--mesh", "tp=8", "--sharding", "sp"], "axis tp=8 is not used by strategy sp"),
+    (["--mesh", "sp=4,tp=2", "--sharding", "sp"], "axis tp=2 is not used"),
+])
+def test_bad_mesh(demo, tmp_path, flags, message):
+    proc = stage2("--input_dir", demo, "--output_dir", tmp_path / "out", *flags, check=False, devices=8)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 # ---- bad input: one line on stderr, exit 2, nothing created or clobbered ---------------------

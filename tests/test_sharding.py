@@ -1,0 +1,183 @@
+"""Every strategy on 8 virtual CPU devices: same latents as one device, and the collectives and
+per-device memory that its tables imply."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import sharding
+from hunyuan_tpu import hlo, parallel, pipeline
+from hunyuan_tpu.checkpoint import save_transformer
+from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.files import InputError
+from hunyuan_tpu.metrics import rel_l2
+from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
+from hunyuan_tpu.random_init import randomize_like_trained_
+from hunyuan_tpu.synthetic import stage1_embeddings
+
+SHAPE = (3, 4, 7)  # 84 image tokens: not a multiple of 8, so sp=8 and fsdp=8 pad and mask
+STEPS = 3
+MESHES = {  # strategy -> mesh spec over the 8 devices
+    "replicated": "tp=8",
+    "tp": "tp=8",
+    "tp_fc2_replicated": "tp=8",
+    "sp": "sp=8",
+    "fsdp": "fsdp=8",
+}
+COMBINED = [("tp", "dp=2,tp=4"), ("sp", "dp=2,sp=4"), ("tp_fc2_replicated", "dp=2,tp=4")]
+
+
+def _config(depth: int) -> DiTConfig:
+    return dataclasses.replace(DiTConfig.preset("tiny"), mm_double_blocks_depth=depth)
+
+
+def _shapes(cfg: DiTConfig) -> dict:
+    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
+
+
+@dataclasses.dataclass
+class Run:
+    latents: np.ndarray
+    collectives: dict
+    argument_bytes: int
+    param_shardings: dict
+
+
+@functools.cache
+def run(depth: int, strategy: str | None = None, mesh_spec: str | None = None) -> Run:
+    cfg = _config(depth)
+    emb = {k: v.numpy() for k, v in stage1_embeddings(cfg, latent_hw=SHAPE[1:], seed=1).items()}
+    conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True)
+    settings = pipeline.SamplingSettings(num_inference_steps=STEPS, guidance_scale=5.0)
+    mesh = strat = shardings = None
+    if strategy is not None:
+        strat, mesh = sharding.get(strategy), parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
+        parallel.check_fit(strat, mesh, cfg, _shapes(cfg), batch=2)
+        shardings = parallel.param_shardings(strat, mesh, _shapes(cfg))
+    params = random_params(cfg, torch.float32, seed=3, shardings=shardings)
+    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat)
+    denoiser.compile((1, 32, *SHAPE))
+    compiled = denoiser._compiled
+    latents = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False).latents
+    return Run(latents, hlo.summary(hlo.collectives(compiled.as_text())),
+               compiled.memory_analysis().argument_size_in_bytes, shardings)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+@pytest.mark.parametrize("strategy", list(MESHES))
+def test_strategy_matches_one_device(strategy, depth):
+    assert rel_l2(run(depth, strategy, MESHES[strategy]).latents, run(depth).latents) <= 1e-5
+
+
+@pytest.mark.parametrize("strategy,mesh_spec", COMBINED)
+def test_dp_splits_the_cfg_batch(strategy, mesh_spec):
+    assert rel_l2(run(2, strategy, mesh_spec).latents, run(2).latents) <= 1e-5
+
+
+def _per_block(strategy: str, kind: str, field: int = 0) -> float:
+    """Growth of a collective's count (field 0) or bytes (field 1) per extra double block."""
+    small, large = run(2, strategy, MESHES[strategy]), run(4, strategy, MESHES[strategy])
+    return (large.collectives[kind][field] - small.collectives[kind][field]) / 2
+
+
+def test_collectives_follow_from_the_tables():
+    cfg = _config(2)
+    batch, image, text = 2, math.prod(SHAPE), 32  # CFG pair; 84 tokens; 24 LLM + 8 ByT5 slots after trimming
+    stream_bytes = 4 * batch * (image + text) * cfg.hidden_size  # one f32 (B, L+S, C) activation
+    # An all-reduce exists only to sum partial products: after a matmul whose contraction
+    # dimension is split across devices. tp splits it in the four row-parallel matmuls of a
+    # block (img/txt attn_proj and fc2), whose outputs are summed once each: exactly two
+    # (B, L+S, C) activations per block. The other strategies keep every contraction whole.
+    assert _per_block("tp", "all-reduce", 1) == 2 * stream_bytes
+    for name in ("replicated", "tp_fc2_replicated", "sp"):
+        assert run(4, name, MESHES[name]).collectives["all-reduce"][0] == 0, name
+    assert run(4, "tp_fc2_replicated", "tp=8").collectives["all-reduce"][0] < run(4, "tp", "tp=8").collectives["all-reduce"][0]
+    # With every weight whole, a block of replicated moves only what attention's head split
+    # forces: its (B, L+S, C) output is gathered back, once.
+    moved = {name: {kind: _per_block(name, kind, 1) for kind in hlo.COLLECTIVES} for name in MESHES}
+    assert moved["replicated"] == {**dict.fromkeys(hlo.COLLECTIVES, 0.0), "all-gather": stream_bytes}
+    # sp and tp_fc2_replicated move activations between token, head and feature splits; fsdp has
+    # sp's activation layout but holds 1/8 of each weight, so it moves strictly more per block.
+    assert sum(moved["sp"].values()) > 0 and sum(moved["tp_fc2_replicated"].values()) > 0
+    assert moved["fsdp"]["all-gather"] > 0 and sum(moved["fsdp"].values()) > sum(moved["sp"].values())
+
+
+def test_per_device_weights_match_the_tables():
+    cfg, shapes = _config(4), _shapes(_config(4))
+    other = run(4, "replicated", "tp=8").argument_bytes - 4 * sum(math.prod(s) for s in shapes.values())
+    weights = {}
+    for name, mesh_spec in MESHES.items():
+        r = run(4, name, mesh_spec)
+        weights[name] = sum(4 * math.prod(r.param_shardings[k].shard_shape(s)) for k, s in shapes.items())
+        assert r.argument_bytes == weights[name] + other, name
+    assert weights["fsdp"] < weights["tp"] < weights["tp_fc2_replicated"] < weights["replicated"] == weights["sp"]
+    assert weights["fsdp"] <= weights["replicated"] / 8 * 1.05  # all but a few tiny 1-D tensors split 8 ways
+
+
+def test_checkpoint_loads_into_slices(tmp_path):
+    cfg = DiTConfig.preset("tiny")
+    model = randomize_like_trained_(HunyuanVideo15DiT(cfg), seed=4)
+    save_transformer(model, tmp_path / "ckpt", max_shard_bytes=300_000)
+    strat, mesh = sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("tp=8"))
+    shardings = parallel.param_shardings(strat, mesh, _shapes(cfg))
+    params = checkpoint_params(tmp_path / "ckpt", cfg, torch.float32, shardings)
+    state = model.state_dict()
+    name = "double_blocks.1.img_attn_q.weight"
+    assert params[name].sharding == shardings[name]
+    shards = params[name].addressable_shards
+    assert len(shards) == 8 and shards[0].data.shape == (cfg.hidden_size // 8, cfg.hidden_size)
+    for shard in shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), state[name].numpy()[shard.index])
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.asarray(v), state[k].numpy())
+
+
+def test_mesh_specs():
+    assert parallel.parse_mesh_spec("dp=2,tp=4") == {"dp": 2, "fsdp": 1, "sp": 1, "tp": 4}
+    assert parallel.parse_mesh_spec("fsdp=8") == {"dp": 1, "fsdp": 8, "sp": 1, "tp": 1}
+    for bad, message in [("tp8", "is not AXIS=SIZE"), ("xp=8", "unknown axis 'xp'"), ("tp=4,tp=2", "given twice"),
+                         ("", "empty")]:
+        with pytest.raises(InputError, match=message):
+            parallel.parse_mesh_spec(bad)
+    with pytest.raises(InputError, match="uses 4 devices, but 8 are available"):
+        parallel.make_mesh(parallel.parse_mesh_spec("tp=4"))
+    mesh = parallel.make_mesh(parallel.parse_mesh_spec("dp=2,sp=4"))
+    assert dict(mesh.shape) == {"dp": 2, "fsdp": 1, "sp": 4, "tp": 1}
+
+
+def test_check_fit_explains_what_does_not_fit():
+    cfg = _config(2)
+    shapes = _shapes(cfg)
+    mesh = parallel.make_mesh(parallel.parse_mesh_spec("sp=2,tp=4"))
+    with pytest.raises(InputError, match="axis sp=2 is not used by strategy tp"):
+        parallel.check_fit(sharding.get("tp"), mesh, cfg, shapes, batch=2)
+    four_heads = dataclasses.replace(cfg, heads_num=4, rope_dim_list=(8, 12, 12))
+    with pytest.raises(InputError, match="4 heads over 8 devices"):
+        parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("tp=8")), four_heads,
+                           _shapes(four_heads), batch=2)
+    with pytest.raises(InputError, match="dp=2 splits the CFG batch, which has 1"):
+        parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("dp=2,tp=4")), cfg,
+                           shapes, batch=1)
+
+
+def test_multi_host_detection():
+    assert not parallel.multi_host({})
+    assert not parallel.multi_host({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert parallel.multi_host({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+    assert parallel.multi_host({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert parallel.multi_host({"SLURM_NTASKS": "4"}) and not parallel.multi_host({"SLURM_NTASKS": "1"})
+    assert parallel.multi_host({"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+def test_every_strategy_is_registered_and_documented():
+    assert set(MESHES) <= set(sharding.STRATEGIES)
+    for s in sharding.STRATEGIES.values():
+        assert s.description and set(s.activations) <= set(sharding.ACTIVATIONS)
+    with pytest.raises(ValueError, match="unknown sharding strategy 'zz'"):
+        sharding.get("zz")
