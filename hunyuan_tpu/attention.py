@@ -18,14 +18,16 @@ from jax.sharding import PartitionSpec as P
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, scale: float) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, scale: float) -> jax.Array:
     """Reference attention in plain jnp (XLA materialises the (L, S) scores).
 
-    Scores and softmax in float32 whatever the input dtype; masked keys get -inf. Every row has
-    at least one valid key by construction of the model (image tokens, refiner slot 0).
+    Takes any boolean mask broadcastable to (B, N, L, S), or None. Scores and softmax in
+    float32 whatever the input dtype; masked keys get -inf. Every row has at least one valid key
+    by construction of the callers (image tokens, refiner slot 0, the VAE's causal frames).
     """
     scores = jnp.einsum("bnld,bnsd->bnls", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(key_mask, scores, -jnp.inf)
+    if key_mask is not None:
+        scores = jnp.where(key_mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("bnls,bnsd->bnld", probs.astype(v.dtype), v)
 

@@ -210,9 +210,11 @@ PRESETS: dict[str, DiTConfig] = {
     "720p_i2v": dataclasses.replace(_RELEASED, ideal_resolution="720p", ideal_task="i2v"),
     "480p_i2v_step_distilled": dataclasses.replace(_RELEASED, ideal_task="i2v", use_meanflow=True),
     # Small enough that a forward runs in milliseconds on a laptop CPU, with 8 heads so that
-    # every sharding strategy can split it over 8 devices; serves both t2v and i2v.
+    # every sharding strategy can split it over 8 devices; serves both t2v and i2v, at the
+    # small "96p" buckets by default.
     "tiny": DiTConfig(
         ideal_task=None,
+        ideal_resolution="96p",
         hidden_size=128,
         heads_num=8,
         rope_dim_list=(4, 6, 6),

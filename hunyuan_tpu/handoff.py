@@ -7,6 +7,8 @@
                                      negative_* twins; for i2v vision_states (1, 729, 1152) and
                                      image_cond_latents (1, 32, 1, H/16, W/16)
     <folder>/latents.safetensors     stage 2: latents (1, 32, T, H/16, W/16), float32
+    <folder>/video.mp4               stage 3: the decoded video, H.264, 24 fps
+    <folder>/first_frame.png         stage 3: its first frame
 
 Readers validate everything before anything is written, so bad input never clobbers output.
 """
@@ -25,6 +27,8 @@ from .files import InputError, read_json, read_safetensors, save_safetensors, wr
 CONFIG_NAME = "config.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 LATENTS_NAME = "latents.safetensors"
+VIDEO_NAME = "video.mp4"
+FIRST_FRAME_NAME = "first_frame.png"
 TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
 I2V_KEYS = ("vision_states", "image_cond_latents")
 TASKS = ("t2v", "i2v")
@@ -39,6 +43,11 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder (run stage 1 first, or stage 2 with --demo)")
     return read_json(folder / CONFIG_NAME)
+
+
+def write_config(folder: str | Path, config: dict[str, Any]) -> None:
+    """Start the folder's config.json afresh (stage 1: a new run), atomically."""
+    write_json(Path(folder) / CONFIG_NAME, config)
 
 
 def update_config(folder: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
@@ -103,4 +112,8 @@ def read_latents(folder: str | Path) -> np.ndarray:
     path = Path(folder) / LATENTS_NAME
     tensors, _ = read_safetensors(path)
     _expect("latents" in tensors, path, "no 'latents' tensor")
-    return tensors["latents"].float().numpy()
+    latents = tensors["latents"].float()
+    _expect(latents.ndim == 5 and latents.shape[0] == 1, path,
+            f"latents have shape {tuple(latents.shape)}, expected (1, channels, T, H, W)")
+    _expect(bool(torch.isfinite(latents).all()), path, "latents have non-finite values (NaN or inf)")
+    return latents.numpy()

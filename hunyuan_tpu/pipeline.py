@@ -33,8 +33,10 @@ from .runtime import JaxParams, functional, tracing
 LATENT_CHANNELS = 32
 VAE_TEMPORAL, VAE_SPATIAL = 4, 16
 # Bucket base size per resolution (official target_size_config): buckets hold about
-# (base / 16)^2 latent pixels at aspect ratios up to 4:1.
-RESOLUTION_BASE = {"360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
+# (base / 16)^2 latent pixels at aspect ratios up to 4:1. "96p" is not an official family but
+# uses a base the official bucket code accepts (128); it is the tiny preset's, so that a
+# weight-free run has a canvas of about 8 x 8 latent pixels at any aspect ratio (160x96 at 16:9).
+RESOLUTION_BASE = {"96p": 128, "360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
 TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
 I2V_KEYS = ("vision_states", "image_cond_latents")
 _MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents"})

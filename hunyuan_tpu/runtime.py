@@ -52,14 +52,20 @@ def tracing(mesh: Mesh | None = None, attention: Kernel = xla_attention):
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` for torchax tensors, limited to what the model uses."""
+    """``F.scaled_dot_product_attention`` for torchax tensors, limited to what the package uses.
+
+    A (B, 1, 1, S) key mask (the DiT) goes to the kernel ``tracing`` selected, per device on a
+    mesh; any other boolean mask (the VAE's causal frame mask) or none goes to ``xla_attention``.
+    """
     if dropout_p or is_causal or enable_gqa:
         raise NotImplementedError("the hunyuan_tpu attention override supports masked, non-causal attention only")
-    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.shape[1:3] != (1, 1):
-        raise NotImplementedError("the hunyuan_tpu attention override takes a (B, 1, 1, S) boolean key mask")
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise NotImplementedError("the hunyuan_tpu attention override takes boolean masks only")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    key_mask = attn_mask is not None and attn_mask.ndim == 4 and tuple(attn_mask.shape[1:3]) == (1, 1)
     current = _TRACING.get()
-    return interop.call_jax(on_mesh(current.attention, current.mesh), query, key, value, attn_mask, scale)
+    kernel = on_mesh(current.attention, current.mesh) if key_mask else xla_attention
+    return interop.call_jax(kernel, query, key, value, attn_mask, scale)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ by stage 1 or --demo), else the built-in default.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -21,8 +22,7 @@ import torch
 
 import sharding
 from hunyuan_tpu import handoff, parallel
-from hunyuan_tpu.checkpoint import checkpoint_config
-from hunyuan_tpu.config import PRESETS, DiTConfig
+from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
 from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
 from hunyuan_tpu.pipeline import (
@@ -30,9 +30,8 @@ from hunyuan_tpu.pipeline import (
     denoise, initial_noise, latent_shape,
 )
 from hunyuan_tpu.synthetic import stage1_embeddings
-from stage_cli import Parser, resolve, run_main
+from stage_cli import DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, resolve, run_main
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 CHECKPOINT_NAME = "stage2_checkpoint.safetensors"
 # The weight-free demo: the tiny preset at 9 frames of 112x64 pixels (3 x 4 x 7 latents).
 DEMO_CONFIG = {
@@ -49,6 +48,36 @@ DEMO_CONFIG = {
 }
 
 
+def add_model_group(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    add_model_flag(model)
+    model.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations dtype (default: bfloat16)")
+
+
+def add_sampling_group(p: argparse.ArgumentParser) -> None:
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--num_inference_steps", type=int, metavar="N", help="Euler steps (default: 50; 12 step-distilled)")
+    sampling.add_argument("--guidance_scale", type=float, metavar="G", help="CFG scale, <= 1 disables CFG (default: 6.0; 1.0 distilled)")
+    sampling.add_argument("--flow_shift", type=float, metavar="S", help="schedule shift (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
+    sampling.add_argument("--seed", type=int, metavar="N", help="initial noise seed (default: 42)")
+
+
+def add_devices_group(p: argparse.ArgumentParser) -> None:
+    devices = p.add_argument_group("devices")
+    devices.add_argument("--sharding", choices=sorted(sharding.STRATEGIES),
+                         help="strategy (sharding/*.py); default: none on one device, tp_fc2_replicated on several")
+    devices.add_argument("--mesh", metavar="SPEC", help="axis sizes over all devices, e.g. tp=8, dp=2,sp=4 "
+                         "(axes dp, fsdp, sp, tp; default: every device on the strategy's own axis)")
+
+
+def add_run_group(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> None:
+    run = p.add_argument_group("run")
+    run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
+    if checkpoints:
+        run.add_argument("--checkpoint_every", type=int, metavar="N", help="save step and latents every N steps (default: 0, off)")
+        run.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in the output folder")
+
+
 def build_parser() -> Parser:
     p = Parser(
         description="Stage 2: denoise the latent video with the DiT (stage-1 embeddings -> latents.safetensors).",
@@ -60,35 +89,11 @@ def build_parser() -> Parser:
     io.add_argument("--output_dir", metavar="DIR", help="where latents.safetensors and config.json go (default: --input_dir)")
     io.add_argument("--demo", action="store_true",
                     help="write seeded tiny stage-1 outputs to --output_dir first, then run on them (no weights)")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--model", metavar="PATH|PRESET", help="checkpoint file or folder, or a preset name for seeded random weights "
-                       f"({', '.join(PRESETS)}; default: tiny)")
-    model.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations dtype (default: bfloat16)")
-
-    video = p.add_argument_group("video")
-    video.add_argument("--video_length", type=int, metavar="N", help="frames, 4k+1 (default: 49)")
-    video.add_argument("--resolution", metavar="480p|720p", help="480p or 720p bucket family (default: the model's)")
-    video.add_argument("--aspect_ratio", metavar="W:H", help="W:H, picks the closest bucket (default: 16:9)")
-    video.add_argument("--height", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
-    video.add_argument("--width", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
-
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--num_inference_steps", type=int, metavar="N", help="Euler steps (default: 50; 12 step-distilled)")
-    sampling.add_argument("--guidance_scale", type=float, metavar="G", help="CFG scale, <= 1 disables CFG (default: 6.0; 1.0 distilled)")
-    sampling.add_argument("--flow_shift", type=float, metavar="S", help="schedule shift (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
-    sampling.add_argument("--seed", type=int, metavar="N", help="initial noise seed (default: 42)")
-
-    devices = p.add_argument_group("devices")
-    devices.add_argument("--sharding", choices=sorted(sharding.STRATEGIES),
-                         help="strategy (sharding/*.py); default: none on one device, tp_fc2_replicated on several")
-    devices.add_argument("--mesh", metavar="SPEC", help="axis sizes over all devices, e.g. tp=8, dp=2,sp=4 "
-                         "(axes dp, fsdp, sp, tp; default: every device on the strategy's own axis)")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
-    run.add_argument("--checkpoint_every", type=int, metavar="N", help="save step and latents every N steps (default: 0, off)")
-    run.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in the output folder")
+    add_model_group(p)
+    add_video_group(p)
+    add_sampling_group(p)
+    add_devices_group(p)
+    add_run_group(p)
     return p
 
 
@@ -117,14 +122,6 @@ def write_demo_inputs(folder: Path) -> None:
     shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
     handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
     handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
-
-
-def model_config(name: str) -> DiTConfig:
-    if Path(name).exists():
-        return checkpoint_config(name)
-    if name in PRESETS:
-        return DiTConfig.preset(name)
-    raise InputError(f"--model {name}: no such checkpoint file or folder, and not a preset ({', '.join(PRESETS)})")
 
 
 def choose_layout(name: str | None, mesh_spec: str | None) -> tuple[sharding.Strategy, dict[str, int]] | None:
@@ -157,9 +154,13 @@ def fingerprint(settings: dict, embeddings_file: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
     args = build_parser().parse_args(argv)
     parallel.initialize_distributed()  # before anything touches a JAX backend
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     writer = jax.process_index() == 0  # on several hosts, one writes the outputs
     out_dir = Path(args.output_dir or args.input_dir)
     if args.demo:
@@ -169,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     source = str(in_dir / handoff.CONFIG_NAME)
 
     s = resolve(args, stage_config, GENERAL_DEFAULTS, source)
-    if s["dtype"] not in DTYPES:
-        raise InputError(f"dtype {s['dtype']!r} is not one of {', '.join(DTYPES)}")
-    dtype = DTYPES[s["dtype"]]
+    dtype = dtype_of("dtype", s["dtype"])
     if s["task"] not in handoff.TASKS:
         raise InputError(f"{source}: task {s['task']!r} is not one of {', '.join(handoff.TASKS)}")
     config = model_config(s["model"])

@@ -1,14 +1,23 @@
-"""What the stage scripts share: one-line errors with exit code 2, and setting precedence."""
+"""What the stage scripts share: one-line errors with exit code 2, setting precedence, and the
+flags that more than one stage takes (defined once, so that generate.py's union has each once)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from hunyuan_tpu.checkpoint import checkpoint_config
+from hunyuan_tpu.config import PRESETS, DiTConfig
 from hunyuan_tpu.files import InputError
+from hunyuan_tpu.pipeline import RESOLUTION_BASE
 
 EXIT_BAD_INPUT = 2
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,3 +53,41 @@ def run_main(main: Callable[[], int]) -> None:
         sys.stderr.write(f"error: {e}\n")
         code = EXIT_BAD_INPUT
     sys.exit(code)
+
+
+def model_config(name: str) -> DiTConfig:
+    """The DiT configuration behind --model: a checkpoint's, or a preset's."""
+    if Path(name).exists():
+        return checkpoint_config(name)
+    if name in PRESETS:
+        return DiTConfig.preset(name)
+    raise InputError(f"--model {name}: no such checkpoint file or folder, and not a preset ({', '.join(PRESETS)})")
+
+
+def dtype_of(flag: str, name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"{flag} {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def add_model_flag(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--model", metavar="PATH|PRESET", help="DiT checkpoint file or folder, or a preset name for "
+                       f"seeded random weights ({', '.join(PRESETS)}; default: tiny)")
+
+
+def add_video_group(p: argparse.ArgumentParser) -> None:
+    video = p.add_argument_group("video")
+    video.add_argument("--video_length", type=int, metavar="N", help="frames, 4k+1 (default: 49)")
+    video.add_argument("--resolution", metavar="|".join(RESOLUTION_BASE),
+                       help="bucket family (default: the model's; 96p for tiny, 480p without one)")
+    video.add_argument("--aspect_ratio", metavar="W:H", help="W:H, picks the closest bucket (default: 16:9; "
+                       "i2v: the image's)")
+    video.add_argument("--height", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
+    video.add_argument("--width", type=int, metavar="PX", help="pixels, multiple of 16; overrides the bucket")
+
+
+def add_vae_group(p: argparse.ArgumentParser) -> None:
+    vae = p.add_argument_group("vae")
+    vae.add_argument("--vae", metavar="DIR", help="VAE folder, official (ckpts/vae) or diffusers layout "
+                     "(default: a tiny VAE with seeded random weights)")
+    vae.add_argument("--vae_dtype", choices=sorted(DTYPES), help="VAE weights and activations dtype (default: float32)")

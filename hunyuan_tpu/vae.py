@@ -1,0 +1,304 @@
+"""The video VAE: diffusers' ``AutoencoderKLHunyuanVideo15`` loaded from either checkpoint layout,
+decoded tile by tile (eager PyTorch or one jitted JAX function per tile shape), and the
+image encode that i2v conditions on.
+
+The released VAE (1.26B parameters) compresses 16x in space and 4x in time into 32 channels.
+Decoding 720p x 121 frames whole does not fit in 80 GB; the official pipeline decodes 256-pixel
+spatial tiles that overlap by 1/8 and blends the seams linearly, each tile over all frames.
+``decode`` does the same, so its output equals the official (and diffusers') tiled decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLHunyuanVideo15
+
+from .files import InputError, read_json, read_safetensors
+from .pipeline import LATENT_CHANNELS, VAE_SPATIAL
+from .random_init import randomize_like_trained_
+from .runtime import jax_view, to_host_array
+
+Backend = Literal["torch", "jax"]
+BACKENDS: tuple[str, ...] = ("jax", "torch")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Smallest channel widths the architecture allows at 16x / 4x compression and 32 latent
+# channels: the encoder's last width is a multiple of 2 x 32, the decoder's first of 32.
+TINY_BLOCK_OUT_CHANNELS = (8, 16, 32, 64, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Spatial tiling of the decode; official defaults for GPUs with more than 21 GB
+    (``get_vae_inference_config``: sample_size 256, tile_overlap_factor 0.125)."""
+
+    tile_px: int = 256
+    overlap: float = 0.125
+
+    def __post_init__(self) -> None:
+        if self.tile_px < VAE_SPATIAL or self.tile_px % VAE_SPATIAL:
+            raise InputError(f"--tile_size {self.tile_px} must be a positive multiple of {VAE_SPATIAL}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise InputError(f"--tile_overlap {self.overlap} must be in [0, 1)")
+        if self.stride_latent < 1:
+            raise InputError(f"--tile_size {self.tile_px} with --tile_overlap {self.overlap} leaves no stride")
+
+    @property
+    def tile_latent(self) -> int:
+        return self.tile_px // VAE_SPATIAL
+
+    @property
+    def stride_latent(self) -> int:
+        return int(self.tile_latent * (1 - self.overlap))
+
+    @property
+    def blend_px(self) -> int:
+        return int(self.tile_px * self.overlap)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAE:
+    model: AutoencoderKLHunyuanVideo15
+    source: str  # a folder, or "tiny" for seeded random weights
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.model.config.scaling_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+# ---- building and loading --------------------------------------------------------------------
+
+def _cast(model: AutoencoderKLHunyuanVideo15, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo15:
+    # nn.Module.to: ModelMixin.to warns about modules to keep in float32, and this model has none.
+    return torch.nn.Module.to(model, dtype)
+
+
+def tiny_vae(latent_channels: int = LATENT_CHANNELS, dtype: torch.dtype = torch.float32, seed: int = 0) -> VAE:
+    """A small VAE with the released compression (16x space, 4x time), trained-scale random weights."""
+    model = AutoencoderKLHunyuanVideo15(
+        latent_channels=latent_channels, block_out_channels=TINY_BLOCK_OUT_CHANNELS, layers_per_block=1
+    )
+    return VAE(_cast(randomize_like_trained_(model, seed=seed), dtype).eval(), "tiny")
+
+
+# Official AutoencoderKLConv3D names -> diffusers names; applied in order, each at most once.
+_OFFICIAL_RENAMES = (
+    (r"\.down\.(\d+)\.block\.(\d+)\.", r".down_blocks.\1.resnets.\2."),
+    (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+    (r"\.up\.(\d+)\.block\.(\d+)\.", r".up_blocks.\1.resnets.\2."),
+    (r"\.up\.(\d+)\.upsample\.", r".up_blocks.\1.upsamplers.0."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+)
+# Official config keys -> diffusers config keys (the others are tiling defaults, not architecture).
+_OFFICIAL_CONFIG_KEYS = {
+    "in_channels": "in_channels", "out_channels": "out_channels", "latent_channels": "latent_channels",
+    "block_out_channels": "block_out_channels", "layers_per_block": "layers_per_block",
+    "ffactor_spatial": "spatial_compression_ratio", "ffactor_temporal": "temporal_compression_ratio",
+    "downsample_match_channel": "downsample_match_channel", "upsample_match_channel": "upsample_match_channel",
+    "scaling_factor": "scaling_factor",
+}
+_OFFICIAL_IGNORED_KEYS = frozenset({"sample_size", "sample_tsize", "shift_factor"})
+
+
+def official_to_diffusers_name(name: str) -> str:
+    for pattern, replacement in _OFFICIAL_RENAMES:
+        name = re.sub(pattern, replacement, name, count=1)
+    return name
+
+
+def _diffusers_config(raw: dict[str, Any], source: Path) -> tuple[dict[str, Any], bool]:
+    """(diffusers constructor kwargs, whether the file is the official layout)."""
+    if raw.get("_class_name") == "AutoencoderKLHunyuanVideo15":
+        return {k: v for k, v in raw.items() if not k.startswith("_")}, False
+    if "ffactor_spatial" not in raw:
+        raise InputError(f"{source}: neither an AutoencoderKLHunyuanVideo15 (diffusers) nor an official "
+                         "AutoencoderKLConv3D VAE config")
+    if raw.get("shift_factor"):  # the reference decodes z / scale + shift; the released VAE has none
+        raise InputError(f"{source}: shift_factor={raw['shift_factor']} is not supported (the released VAE has none)")
+    unknown = sorted(k for k in raw if k not in _OFFICIAL_CONFIG_KEYS and k not in _OFFICIAL_IGNORED_KEYS
+                     and not k.startswith("_"))
+    if unknown:
+        raise InputError(f"{source}: unknown official VAE config key(s) {', '.join(unknown)}")
+    return {_OFFICIAL_CONFIG_KEYS[k]: v for k, v in raw.items() if k in _OFFICIAL_CONFIG_KEYS}, True
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> VAE:
+    """A VAE folder holding ``config.json`` and ``diffusion_pytorch_model.safetensors``, in the
+    official layout (``ckpts/vae`` of tencent/HunyuanVideo-1.5) or the diffusers one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--vae {folder}: no such folder")
+    config_path, weights_path = folder / "config.json", folder / WEIGHTS_NAME
+    kwargs, official = _diffusers_config(read_json(config_path), config_path)
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKLHunyuanVideo15(**kwargs)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:
+        raise InputError(f"{config_path}: not a valid VAE configuration ({e})") from None
+    tensors, _ = read_safetensors(weights_path, dtype=dtype)
+    if official:
+        tensors = {official_to_diffusers_name(k): v for k, v in tensors.items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{weights_path}: does not match {config_path} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [k for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
+    if wrong:
+        raise InputError(f"{weights_path}: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, "
+                         f"expected {expected[wrong[0]]}")
+    model.load_state_dict(tensors, assign=True)
+    return VAE(_cast(model, dtype).eval(), str(folder))
+
+
+def vae_config_latent_channels(folder: str | Path) -> int:
+    """Latent channels of a VAE folder, read from its config only (to check before loading)."""
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise InputError(f"--vae {folder}: no such folder")
+    kwargs, _ = _diffusers_config(read_json(path), path)
+    return int(kwargs.get("latent_channels", LATENT_CHANNELS))
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    return list(range(0, size, stride)) if size > tile else [0]
+
+
+def _blend_seam(prev: np.ndarray, cur: np.ndarray, extent: int, axis: int) -> None:
+    """Cross-fade ``cur``'s first rows (or columns) from ``prev``'s last ones, in place."""
+    extent = min(prev.shape[axis], cur.shape[axis], extent)
+    if extent == 0:
+        return
+    shape = [1] * cur.ndim
+    shape[axis] = extent
+    w = (np.arange(extent, dtype=np.float32) / extent).reshape(shape)
+    head = [slice(None)] * cur.ndim
+    head[axis] = slice(0, extent)
+    tail = [slice(None)] * cur.ndim
+    tail[axis] = slice(prev.shape[axis] - extent, None)
+    cur[tuple(head)] = prev[tuple(tail)] * (1 - w) + cur[tuple(head)] * w
+
+
+class StaticShapeDecoder(torch.nn.Module):
+    """diffusers' HunyuanVideo-1.5 VAE decoder, with the mid-block attention's causal frame mask
+    built by one comparison instead of diffusers' Python loop over every token (which tracing
+    would unroll into one scatter per token: 7,936 per 720p tile). Same parameters, same math:
+    a token sees the tokens of its own and earlier latent frames."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    @staticmethod
+    def _attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = block.norm(x)
+        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (block.to_q, block.to_k, block.to_v))
+        frame = torch.arange(t * h * w, device=x.device) // (h * w)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=frame[None, :] <= frame[:, None])
+        out = out[:, 0].transpose(1, 2).reshape(b, c, t, h, w)
+        return block.proj_out(out) + x
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        x = dec.conv_in(z) + z.repeat_interleave(repeats=dec.repeat, dim=1)
+        mid = dec.mid_block
+        x = mid.resnets[0](x)
+        for attention, resnet in zip(mid.attentions, mid.resnets[1:]):
+            x = resnet(self._attention(attention, x) if attention is not None else x)
+        for block in dec.up_blocks:
+            x = block(x)
+        return dec.conv_out(dec.conv_act(dec.norm_out(x)))
+
+
+def tile_decoder(vae: VAE, backend: Backend) -> Callable[[np.ndarray], np.ndarray]:
+    """``decode_tile(z) -> pixels``: the VAE decoder on one (1, C, T, h, w) latent tile, as float32.
+
+    ``torch`` runs diffusers' decoder eagerly. ``jax`` runs ``StaticShapeDecoder`` through torchax
+    as one jitted function, compiled once per tile shape (at most four: interior and edge tiles).
+    """
+    dtype = vae.dtype
+    if backend == "torch":
+        def decode_tile(z: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return vae.model.decoder(torch.from_numpy(z).to(dtype)).float().numpy()
+        return decode_tile
+    if backend != "jax":
+        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    params, apply = jax_view(StaticShapeDecoder(vae.model.decoder))
+    jitted = jax.jit(apply)
+
+    def decode_tile(z: np.ndarray) -> np.ndarray:
+        # a writable host copy: the seams are blended in place
+        return np.array(jitted(params, to_host_array(torch.from_numpy(z).to(dtype))), dtype=np.float32)
+    return decode_tile
+
+
+def decode(
+    vae: VAE, latents: np.ndarray, *, backend: Backend = "jax", tiling: Tiling | None = Tiling()
+) -> np.ndarray:
+    """Denoised (1, C, T, H/16, W/16) latents -> (1, 3, 4(T-1)+1, H, W) float32 pixels in about [-1, 1].
+
+    Latents are divided by the VAE's scaling factor first (the DiT works on scaled latents).
+    With ``tiling``, a canvas larger than one tile is decoded tile by tile: tiles start every
+    ``stride_latent`` latent pixels, and each one's first ``blend_px`` rows and columns are
+    cross-faded from its upper and left neighbours (already blended, in row-major order) before
+    its first ``tile_px - blend_px`` rows and columns are kept.
+    """
+    if latents.ndim != 5 or latents.shape[:2] != (1, vae.model.config.latent_channels):
+        raise InputError(f"latents have shape {tuple(latents.shape)}, expected "
+                         f"(1, {vae.model.config.latent_channels}, T, H, W)")
+    z = np.ascontiguousarray(latents / vae.scaling_factor, dtype=np.float32)
+    decode_tile = tile_decoder(vae, backend)
+    _, _, _, h, w = z.shape
+    if tiling is None or (h <= tiling.tile_latent and w <= tiling.tile_latent):
+        return decode_tile(z)
+    size, stride = tiling.tile_latent, tiling.stride_latent
+    keep = tiling.tile_px - tiling.blend_px
+    tiles = [[decode_tile(np.ascontiguousarray(z[..., i:i + size, j:j + size])) for j in _starts(w, size, stride)]
+             for i in _starts(h, size, stride)]
+    rows = []
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend_seam(tiles[i - 1][j], tile, tiling.blend_px, axis=-2)
+            if j > 0:
+                _blend_seam(row[j - 1], tile, tiling.blend_px, axis=-1)
+        rows.append(np.concatenate([tile[..., :keep, :keep] for tile in row], axis=-1))
+    return np.concatenate(rows, axis=-2)
+
+
+def to_frames(video: np.ndarray) -> np.ndarray:
+    """(1, 3, F, H, W) pixels in [-1, 1] -> (F, H, W, 3) uint8, as the official ``save_video``
+    (scaled to [0, 1], clamped, times 255, truncated)."""
+    x = np.clip(video[0] / 2 + 0.5, 0.0, 1.0) * 255
+    return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
+
+
+# ---- encoding (i2v condition) ----------------------------------------------------------------
+
+def encode_image(vae: VAE, pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) pixels in [-1, 1] -> (1, C, 1, H/16, W/16) float32 latents: the posterior's
+    mode times the scaling factor, as the official ``get_image_condition_latents``."""
+    with torch.no_grad():
+        posterior = vae.model.encode(pixels[:, :, None].to(vae.dtype)).latent_dist
+        return posterior.mode().float() * vae.scaling_factor
+

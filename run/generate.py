@@ -1,0 +1,92 @@
+"""From prompt to video in one command: stage 1 (encoders), stage 2 (DiT), stage 3 (VAE).
+
+    python run/generate.py --prompt "A cat walks on the grass, realistic"        # tiny, weight-free
+    python run/generate.py --prompt "..." --image first.png --model ckpts/transformer/480p_i2v \\
+        --text_encoder ckpts/text_encoder/llm --byt5 ckpts/text_encoder/Glyph-SDXL-v2 \\
+        --vision_encoder ckpts/vision_encoder/siglip --vae ckpts/vae
+
+Takes the union of the three stages' flags and runs them in one process, in a temporary folder
+beside --output_dir; only when all three succeed are their files moved into --output_dir, so a
+failure (bad input found by any stage) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import stage1_text_encoder as stage1
+import stage2_transformer as stage2
+import stage3_vae_decoder as stage3
+from hunyuan_tpu import handoff, parallel
+from hunyuan_tpu.files import InputError, read_json
+from stage_cli import Parser, add_vae_group, add_video_group, run_main
+
+
+def build_parser() -> Parser:
+    p = Parser(description="Prompt (and image) to video: stages 1, 2 and 3 in one command.",
+               epilog="Without weights paths every model is a tiny one with seeded random weights.")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--output_dir", default="./stage_outputs", metavar="DIR",
+                    help="where the stages' files go: config.json, embeddings, latents, video.mp4, "
+                    "first_frame.png (default: %(default)s)")
+    stage1.add_prompt_group(p)
+    stage2.add_model_group(p)
+    stage1.add_encoder_group(p)
+    add_vae_group(p)
+    add_video_group(p)
+    stage2.add_sampling_group(p)
+    stage2.add_devices_group(p)
+    stage2.add_run_group(p, checkpoints=False)
+    stage3.add_decode_group(p)
+    return p
+
+
+def stage_args(stage_parser: argparse.ArgumentParser, args: argparse.Namespace, **io: str) -> argparse.Namespace:
+    """The stage's own flags, taken from the union's parse (the rest at the stage's defaults)."""
+    own = stage_parser.parse_args([])
+    for key in vars(own):
+        if hasattr(args, key):
+            setattr(own, key, getattr(args, key))
+    for key, value in io.items():
+        setattr(own, key, value)
+    return own
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+    work = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    work.mkdir(parents=True)
+    try:
+        folder = str(work)
+        stage1.run(stage_args(stage1.build_parser(), args, output_dir=folder))
+        stage2.run(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder))
+        stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME,
+                     handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
+            os.replace(work / name, out_dir / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    config = read_json(out_dir / handoff.CONFIG_NAME)
+    seconds = {f"stage{i}": config[f"stage{i}"]["total_s"] for i in (1, 2, 3)}
+    total_s = time.perf_counter() - started
+    print(f"generate: stage 1 {seconds['stage1']:.2f} s, stage 2 {seconds['stage2']:.2f} s, "
+          f"stage 3 {seconds['stage3']:.2f} s | total {total_s:.2f} s -> {out_dir / handoff.VIDEO_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    parallel.initialize_distributed()  # before anything touches a JAX backend
+    return run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

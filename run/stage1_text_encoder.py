@@ -1,0 +1,196 @@
+"""Stage 1: encode the prompt (and, for i2v, the image) into the stage hand-off folder.
+
+    python run/stage1_text_encoder.py --prompt "A cat walks on the grass" --output_dir ./stage_outputs
+    python run/stage1_text_encoder.py --prompt "..." --image first_frame.png \\
+        --text_encoder ckpts/text_encoder/llm --byt5 ckpts/text_encoder/Glyph-SDXL-v2 \\
+        --vision_encoder ckpts/vision_encoder/siglip --vae ckpts/vae --model ckpts/transformer/480p_i2v
+
+Without an encoder path, that encoder is a small one built from a config with seeded random
+weights, as wide as --model's DiT expects (the tiny DiT by default); each such choice is said
+on stderr. Writes embeddings.safetensors and a fresh config.json (run settings + "stage1").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hunyuan_tpu import handoff
+from hunyuan_tpu import image_condition as ic
+from hunyuan_tpu import text_encoding as te
+from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.files import InputError
+from hunyuan_tpu.pipeline import bucket_size, latent_shape
+from hunyuan_tpu.vae import encode_image, load_vae, tiny_vae, vae_config_latent_channels
+from stage_cli import DTYPES, Parser, add_model_flag, add_vae_group, add_video_group, dtype_of, model_config, run_main
+
+
+def add_prompt_group(p: argparse.ArgumentParser) -> None:
+    prompt = p.add_argument_group("prompt")
+    prompt.add_argument("--prompt", metavar="TEXT", help="what the video shows (required); text in \"quotes\" "
+                        "is also read by the glyph encoder")
+    prompt.add_argument("--negative_prompt", metavar="TEXT", help="what it should not show (default: empty)")
+    prompt.add_argument("--image", metavar="FILE", help="first frame for image-to-video (i2v); without it, t2v")
+
+
+def add_encoder_group(p: argparse.ArgumentParser) -> None:
+    enc = p.add_argument_group("encoders (default for each: a tiny one with seeded random weights)")
+    enc.add_argument("--text_encoder", metavar="DIR", help="Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)")
+    enc.add_argument("--byt5", metavar="DIR", help="Glyph-SDXL-v2 folder, with google/byt5-small beside it as "
+                     "byt5-small/ (ckpts/text_encoder/Glyph-SDXL-v2)")
+    enc.add_argument("--vision_encoder", metavar="DIR", help="SigLIP folder from FLUX.1-Redux-dev, i2v only "
+                     "(ckpts/vision_encoder/siglip)")
+    enc.add_argument("--encoder_dtype", choices=sorted(DTYPES), help="encoders' dtype (default: bfloat16)")
+
+
+def build_parser() -> Parser:
+    p = Parser(description="Stage 1: encode the prompt (and the i2v image) for the DiT "
+               "(-> embeddings.safetensors, config.json).")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--output_dir", default="./stage_outputs", metavar="DIR", help="hand-off folder (default: %(default)s)")
+    add_prompt_group(p)
+    model = p.add_argument_group("model")
+    add_model_flag(model)
+    add_encoder_group(p)
+    add_vae_group(p)
+    add_video_group(p)
+    return p
+
+
+def _check_width(flag: str, path: str | None, width_of, expected: int, model: str) -> None:
+    if path is not None and (width := width_of(Path(path))) != expected:
+        raise InputError(f"{flag} {path}: gives {width}-wide states, but --model {model} takes {expected} "
+                         "(pick the --model these encoders belong to)")
+
+
+def _note_tiny(what: str, flag: str, size: str) -> None:
+    print(f"stage 1: no {flag}: {what} is a tiny one with seeded random weights ({size})", file=sys.stderr)
+
+
+def _warn_truncated(what: str, encoded: te.Encoded, limit: int) -> None:
+    if encoded.dropped_tokens:
+        print(f"warning: the {what} is {limit + encoded.dropped_tokens} tokens with the template, the encoder reads "
+              f"{limit}: the last {encoded.dropped_tokens} are cut off (as the reference does)", file=sys.stderr)
+
+
+def _canvas(args: argparse.Namespace, config: DiTConfig, image) -> dict:
+    """The run's video settings: what is given, and the bucket (recorded for i2v, whose latents depend on it)."""
+    resolution = args.resolution or config.ideal_resolution or "480p"
+    settings: dict = {"resolution": resolution}
+    if image is not None:
+        if args.aspect_ratio is not None:
+            raise InputError("--aspect_ratio does not apply to i2v: the image's aspect ratio picks the bucket")
+        height, width = ic.image_bucket(image, resolution)
+        settings["height"], settings["width"] = args.height or height, args.width or width
+    else:
+        settings["aspect_ratio"] = args.aspect_ratio or "16:9"
+        height, width = bucket_size(resolution, settings["aspect_ratio"])
+        settings.update({k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None})
+    if args.video_length is not None:
+        settings["video_length"] = args.video_length
+    latent_shape(settings.get("video_length", 1), settings.get("height", height), settings.get("width", width))
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if not args.prompt or not args.prompt.strip():
+        raise InputError("--prompt is empty: describe the video")
+    negative = args.negative_prompt or ""
+    model_name = args.model or "tiny"
+    config = model_config(model_name)
+    task = "i2v" if args.image else "t2v"
+    if config.ideal_task not in (None, task):
+        raise InputError(f"--model {model_name} is trained for {config.ideal_task}, but the run is {task}")
+    encoder_dtype = dtype_of("--encoder_dtype", args.encoder_dtype or "bfloat16")
+    vae_dtype = dtype_of("--vae_dtype", args.vae_dtype or "float32")
+    if task == "t2v" and args.vision_encoder:
+        raise InputError("--vision_encoder is for i2v: give --image too")
+    image = ic.read_image(args.image) if task == "i2v" else None
+    canvas = _canvas(args, config, image)
+    _check_width("--text_encoder", args.text_encoder, te.llm_width, config.text_states_dim, model_name)
+    _check_width("--byt5", args.byt5, te.byt5_width, config.byt5_states_dim, model_name)
+    if task == "i2v":
+        _check_width("--vision_encoder", args.vision_encoder, ic.siglip_width, config.vision_states_dim, model_name)
+        if args.vae and (channels := vae_config_latent_channels(args.vae)) != config.in_channels:
+            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes {config.in_channels}")
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+
+    load_begin = time.perf_counter()
+    if args.text_encoder:
+        llm = te.load_llm(Path(args.text_encoder), encoder_dtype)
+    else:
+        _note_tiny("the text encoder (Qwen2.5-VL language model)", "--text_encoder", f"{config.text_states_dim} wide")
+        llm = te.tiny_llm(config.text_states_dim, encoder_dtype)
+    if args.byt5:
+        byt5 = te.load_byt5(Path(args.byt5), encoder_dtype)
+    else:
+        _note_tiny("the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
+        byt5 = te.tiny_byt5(config.byt5_states_dim, encoder_dtype)
+    vision, vae = None, None
+    if task == "i2v":
+        if args.vision_encoder:
+            vision = ic.load_siglip(Path(args.vision_encoder), encoder_dtype)
+        else:
+            _note_tiny("the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
+            vision = ic.tiny_siglip(config.vision_states_dim, encoder_dtype)
+        if args.vae:
+            vae = load_vae(args.vae, vae_dtype)
+        else:
+            _note_tiny("the VAE", "--vae", f"{config.in_channels} latent channels")
+            vae = tiny_vae(config.in_channels, vae_dtype)
+    load_s = time.perf_counter() - load_begin
+
+    encode_begin = time.perf_counter()
+    positive, negative_llm = te.encode_llm(llm, args.prompt), te.encode_llm(llm, negative)
+    _warn_truncated("prompt", positive, te.LLM_MAX_LENGTH)
+    _warn_truncated("negative prompt", negative_llm, te.LLM_MAX_LENGTH)
+    glyphs = te.encode_byt5(byt5, args.prompt)
+    _warn_truncated("quoted text", glyphs, te.BYT5_MAX_LENGTH)
+    no_glyphs = te.encode_byt5(byt5, "")  # the reference gives the negative side no glyphs
+    tensors = {
+        "prompt_embeds": positive.states, "prompt_mask": positive.mask,
+        "prompt_embeds_2": glyphs.states, "prompt_mask_2": glyphs.mask,
+        "negative_prompt_embeds": negative_llm.states, "negative_prompt_mask": negative_llm.mask,
+        "negative_prompt_embeds_2": no_glyphs.states, "negative_prompt_mask_2": no_glyphs.mask,
+    }
+    if task == "i2v":
+        fitted = ic.resize_center_crop(image, canvas["height"], canvas["width"])
+        tensors["vision_states"] = ic.encode_siglip(vision, fitted)
+        tensors["image_cond_latents"] = encode_image(vae, ic.to_pixels(fitted))
+    encode_s = time.perf_counter() - encode_begin
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"the encoders produced non-finite values in {', '.join(bad)} (try --encoder_dtype float32)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handoff.write_embeddings(out_dir, {k: v.contiguous() for k, v in tensors.items()})
+    total_s = time.perf_counter() - started
+    record = {
+        "text_encoder": llm.source, "byt5": byt5.source, "vision_encoder": vision.source if vision else None,
+        "encoder_dtype": str(encoder_dtype).removeprefix("torch."),
+        "prompt_tokens": int(positive.mask.sum()), "negative_prompt_tokens": int(negative_llm.mask.sum()),
+        "glyph_texts": te.glyph_texts(args.prompt), "glyph_tokens": int(glyphs.mask.sum()),
+        "truncated_tokens": positive.dropped_tokens,
+        "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
+    }
+    settings = {"prompt": args.prompt, "negative_prompt": negative, "task": task, **canvas, "model": model_name,
+                "vae": args.vae, "vae_dtype": str(vae_dtype).removeprefix("torch."), "stage1": record}
+    handoff.write_config(out_dir, settings)
+    print(f"stage 1: {task}, {record['prompt_tokens']} prompt tokens, {len(record['glyph_texts'])} quoted text(s) | "
+          f"load {load_s:.2f} s, encode {encode_s:.2f} s | total {total_s:.2f} s -> {out_dir / handoff.EMBEDDINGS_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

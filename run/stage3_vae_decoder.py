@@ -1,0 +1,115 @@
+"""Stage 3: decode latents.safetensors with the VAE into video.mp4 (24 fps) and first_frame.png.
+
+    python run/stage3_vae_decoder.py --input_dir ./stage_outputs
+    python run/stage3_vae_decoder.py --vae ckpts/vae --vae_dtype bfloat16 --backend jax
+
+The VAE comes from --vae, else the one stage 1 recorded in config.json, else a tiny VAE with
+seeded random weights (the default run's). Large canvases are decoded in overlapping 256-pixel
+spatial tiles, as the official pipeline does, so that 720p x 121 frames fits in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from hunyuan_tpu import handoff
+from hunyuan_tpu.files import InputError
+from hunyuan_tpu.vae import BACKENDS, Tiling, decode, load_vae, tiny_vae, to_frames
+from hunyuan_tpu.video import FPS, write_mp4, write_png
+from stage_cli import Parser, add_vae_group, dtype_of, resolve, run_main
+
+
+def add_decode_group(p: argparse.ArgumentParser) -> None:
+    dec = p.add_argument_group("decode")
+    dec.add_argument("--backend", choices=BACKENDS, help="jax: the PyTorch VAE through torchax, jitted per tile shape; "
+                     "torch: eager PyTorch (default: jax)")
+    dec.add_argument("--tile_size", type=int, metavar="PX", help="spatial tile in pixels, multiple of 16 (default: 256)")
+    dec.add_argument("--tile_overlap", type=float, metavar="F", help="tile overlap fraction (default: 0.125)")
+    dec.add_argument("--no_tiling", action="store_true", help="decode the whole canvas at once")
+    dec.add_argument("--fps", type=int, metavar="N", help=f"frames per second of the mp4 (default: {FPS})")
+
+
+def build_parser() -> Parser:
+    p = Parser(description="Stage 3: decode the latents with the VAE (latents.safetensors -> video.mp4, first_frame.png).",
+               epilog="Each setting comes from the command line if given, else from the input config.json, else the default.")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input_dir", default="./stage_outputs", metavar="DIR", help="stage-2 folder (default: %(default)s)")
+    io.add_argument("--output_dir", metavar="DIR", help="where video.mp4, first_frame.png and config.json go "
+                    "(default: --input_dir)")
+    add_vae_group(p)
+    add_decode_group(p)
+    return p
+
+
+DEFAULTS = {
+    "vae": (str, None),
+    "vae_dtype": (str, "float32"),
+    "backend": (str, "jax"),
+    "tile_size": (int, 256),
+    "tile_overlap": (float, 0.125),
+    "fps": (int, FPS),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    in_dir = Path(args.input_dir)
+    out_dir = Path(args.output_dir or args.input_dir)
+    stage_config = handoff.read_config(in_dir)
+    source = str(in_dir / handoff.CONFIG_NAME)
+    if "stage2" not in stage_config:
+        raise InputError(f"{source}: no \"stage2\" entry: latents.safetensors is not from this run's stage 2 (run it first)")
+    s = resolve(args, stage_config, DEFAULTS, source)
+    vae_dtype = dtype_of("--vae_dtype", s["vae_dtype"])
+    if s["backend"] not in BACKENDS:
+        raise InputError(f"--backend {s['backend']!r} is not one of {', '.join(BACKENDS)}")
+    if s["fps"] < 1:
+        raise InputError(f"--fps must be >= 1, got {s['fps']}")
+    tiling = None if args.no_tiling else Tiling(s["tile_size"], s["tile_overlap"])
+    latents = handoff.read_latents(in_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+
+    load_begin = time.perf_counter()
+    if s["vae"]:
+        vae = load_vae(s["vae"], vae_dtype)
+    else:
+        print(f"stage 3: no --vae: a tiny VAE with seeded random weights ({latents.shape[1]} latent channels)",
+              file=sys.stderr)
+        vae = tiny_vae(latents.shape[1], vae_dtype)
+    load_s = time.perf_counter() - load_begin
+
+    decode_begin = time.perf_counter()
+    frames = to_frames(decode(vae, latents, backend=s["backend"], tiling=tiling))
+    decode_s = time.perf_counter() - decode_begin
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_begin = time.perf_counter()
+    write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s["fps"])
+    write_png(out_dir / handoff.FIRST_FRAME_NAME, frames[0])
+    write_s = time.perf_counter() - write_begin
+    total_s = time.perf_counter() - started
+    record = {
+        **s, "vae": vae.source, "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
+        "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+        "load_s": round(load_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
+        "total_s": round(total_s, 3), "device": jax.devices()[0].device_kind if s["backend"] == "jax" else "cpu",
+    }
+    handoff.update_config(out_dir, {**stage_config, "stage3": record})
+    print(f"stage 3: {record['frames']} frames of {record['width']}x{record['height']} ({s['backend']}) | "
+          f"load {load_s:.2f} s, decode {decode_s:.2f} s, write {write_s:.2f} s | total {total_s:.2f} s "
+          f"-> {out_dir / handoff.VIDEO_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

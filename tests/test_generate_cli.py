@@ -1,0 +1,181 @@
+"""run/stage1_text_encoder.py, run/stage3_vae_decoder.py and run/generate.py end to end, in
+subprocesses, on the weight-free tiny default."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hunyuan_tpu import image_condition as ic
+from hunyuan_tpu.vae import encode_image, tiny_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "run"
+PROMPT = 'A neon sign that says "OPEN" flickers at night'
+
+
+def cli(script: str, *args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(RUN / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, float, subprocess.CompletedProcess]:
+    """The README's first command: every setting at its default."""
+    folder = tmp_path_factory.mktemp("generate") / "out"
+    begin = time.perf_counter()
+    proc = cli("generate.py", "--prompt", PROMPT, "--output_dir", folder)
+    return folder, time.perf_counter() - begin, proc
+
+
+def test_default_run_makes_a_video_in_under_two_minutes(default_run):
+    folder, seconds, proc = default_run
+    assert seconds < 120, f"generate.py took {seconds:.0f} s"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "embeddings.safetensors", "first_frame.png", "latents.safetensors", "video.mp4"]
+    assert not list(folder.parent.glob(".out.tmp*"))
+    for line in ("no --text_encoder", "no --byt5", "no --vae"):
+        assert line in proc.stderr
+    c = config(folder)
+    assert (c["task"], c["model"], c["resolution"]) == ("t2v", "tiny", "96p")
+    assert c["stage1"]["glyph_texts"] == ["OPEN"] and c["stage2"]["steps"] == 50
+    assert c["stage2"]["latent_shape"] == [13, 6, 10]
+    assert (c["stage3"]["frames"], c["stage3"]["height"], c["stage3"]["width"]) == (49, 96, 160)
+    video = iio.imread(folder / "video.mp4")
+    assert video.shape == (49, 96, 160, 3)
+    frame = iio.imread(folder / "first_frame.png")
+    assert frame.shape == (96, 160, 3) and frame.std() > 1  # not a flat image
+    # the mp4 is lossy (and chroma-subsampled): compare brightness, frame 0 against the PNG
+    luma = [np.corrcoef(video[i].mean(-1).ravel(), frame.mean(-1).ravel())[0, 1] for i in (0, 1)]
+    assert luma[0] > 0.9 and luma[0] > luma[1]
+    embeddings = load_file(str(folder / "embeddings.safetensors"))
+    assert embeddings["prompt_embeds"].shape == (1, 1000, 64) and embeddings["prompt_embeds_2"].shape == (1, 256, 32)
+    assert embeddings["prompt_mask_2"].sum() > 0 and embeddings["negative_prompt_mask_2"].sum() == 0
+    assert "vision_states" not in embeddings
+
+
+def test_three_stages_equal_generate(default_run, tmp_path):
+    folder = default_run[0]
+    cli("stage1_text_encoder.py", "--prompt", PROMPT, "--output_dir", tmp_path)
+    cli("stage2_transformer.py", "--input_dir", tmp_path)
+    cli("stage3_vae_decoder.py", "--input_dir", tmp_path)
+    for name in ("embeddings.safetensors", "latents.safetensors", "first_frame.png"):
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_stage3_eager_torch_equals_jax(default_run, tmp_path):
+    proc = cli("stage3_vae_decoder.py", "--input_dir", default_run[0], "--output_dir", tmp_path, "--backend", "torch")
+    assert "(torch)" in proc.stdout
+    eager = iio.imread(tmp_path / "first_frame.png").astype(int)
+    jitted = iio.imread(default_run[0] / "first_frame.png").astype(int)
+    assert np.abs(eager - jitted).max() <= 1  # uint8 rounding of float32 results that agree to ~1e-6
+    assert config(tmp_path)["stage3"]["backend"] == "torch"
+
+
+def test_i2v_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(tmp_path / "first.png")
+    out = tmp_path / "out"
+    proc = cli("generate.py", "--prompt", "the waves roll in", "--image", tmp_path / "first.png", "--output_dir", out,
+               "--video_length", 9, "--num_inference_steps", 4)
+    assert "no --vision_encoder" in proc.stderr
+    c = config(out)
+    assert (c["task"], c["height"], c["width"]) == ("i2v", 112, 144)  # the 4:3 bucket of the 96p family
+    embeddings = load_file(str(out / "embeddings.safetensors"))
+    assert embeddings["vision_states"].shape == (1, (ic.TINY_IMAGE_SIZE // 14) ** 2, 48)
+    fitted = ic.resize_center_crop(ic.read_image(tmp_path / "first.png"), 112, 144)
+    expected = encode_image(tiny_vae(), ic.to_pixels(fitted))
+    assert expected.shape == (1, 32, 1, 7, 9)
+    torch.testing.assert_close(embeddings["image_cond_latents"], expected)
+    assert iio.imread(out / "video.mp4").shape == (9, 112, 144, 3)
+
+
+def test_long_prompt_is_truncated_with_a_warning(tmp_path):
+    proc = cli("stage1_text_encoder.py", "--prompt", "word " * 300, "--output_dir", tmp_path)
+    assert re.search(r"warning: the prompt is \d+ tokens .* the last \d+ are cut off", proc.stderr)
+    assert config(tmp_path)["stage1"]["truncated_tokens"] > 0
+    assert load_file(str(tmp_path / "embeddings.safetensors"))["prompt_mask"].all()
+
+
+def test_generate_help_has_every_stage_flag():
+    out = cli("generate.py", "--help").stdout
+    for flag in ("--prompt", "--negative_prompt", "--image", "--text_encoder", "--byt5", "--vision_encoder",
+                 "--encoder_dtype", "--model", "--dtype", "--vae", "--vae_dtype", "--video_length", "--resolution",
+                 "--aspect_ratio", "--num_inference_steps", "--guidance_scale", "--flow_shift", "--seed",
+                 "--warmup_steps", "--backend", "--tile_size", "--tile_overlap", "--no_tiling", "--fps", "--output_dir"):
+        assert flag in out, flag
+    for flag in ("--input_dir", "--demo", "--resume"):
+        assert flag not in out
+
+
+# ---- bad input: exit 2, the error on stderr's last line, nothing created or clobbered --------
+
+def _bad(script: str, args: list, message: str, out: Path, single_line: bool = True) -> None:
+    proc = cli(script, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    if single_line:
+        assert len(lines) == 1, proc.stderr
+    assert re.search(message, lines[-1]), lines[-1]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp*"))
+
+
+STAGE1_BAD = {
+    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "missing text encoder": (["--prompt", "x", "--text_encoder", "/nonexistent/llm"], "--text_encoder /nonexistent/llm: no such folder"),
+    "missing image": (["--prompt", "x", "--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
+    "vision without image": (["--prompt", "x", "--vision_encoder", "/x"], "--vision_encoder is for i2v"),
+    "video length": (["--prompt", "x", "--video_length", 50], "--video_length 50 must be of the form 4k\\+1"),
+}
+
+
+@pytest.mark.parametrize("case", STAGE1_BAD)
+def test_stage1_bad_input(case, tmp_path):
+    args, message = STAGE1_BAD[case]
+    _bad("stage1_text_encoder.py", [*args, "--output_dir", tmp_path / "out"], message, tmp_path / "out")
+
+
+def test_stage1_unreadable_image(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    _bad("stage1_text_encoder.py", ["--prompt", "x", "--image", tmp_path / "bad.jpg", "--output_dir", tmp_path / "out"],
+         "--image .*bad.jpg: cannot read the image", tmp_path / "out")
+
+
+def test_generate_bad_input_found_late_leaves_nothing(tmp_path):
+    # stage 2 rejects the step count after stage 1 has run: its files must not appear either
+    _bad("generate.py", ["--prompt", "x", "--num_inference_steps", 0, "--output_dir", tmp_path / "out"],
+         "--num_inference_steps must be >= 1", tmp_path / "out", single_line=False)
+    _bad("generate.py", ["--prompt", "   ", "--output_dir", tmp_path / "out"], "--prompt is empty", tmp_path / "out")
+
+
+def test_stage3_bad_input(default_run, tmp_path):
+    folder = default_run[0]
+    _bad("stage3_vae_decoder.py", ["--input_dir", tmp_path / "none", "--output_dir", tmp_path / "out"],
+         "no such folder", tmp_path / "out")
+    _bad("stage3_vae_decoder.py", ["--input_dir", folder, "--output_dir", tmp_path / "out", "--vae", "/nonexistent"],
+         "--vae /nonexistent: no such folder", tmp_path / "out")
+    _bad("stage3_vae_decoder.py", ["--input_dir", folder, "--output_dir", tmp_path / "out", "--tile_size", 100],
+         "--tile_size 100 must be a positive multiple of 16", tmp_path / "out")
+    fresh = tmp_path / "fresh"  # stage 1 only: latents from an earlier run would be stale
+    fresh.mkdir()
+    (fresh / "config.json").write_text(json.dumps({k: v for k, v in config(folder).items() if k != "stage2"}))
+    (fresh / "latents.safetensors").write_bytes((folder / "latents.safetensors").read_bytes())
+    _bad("stage3_vae_decoder.py", ["--input_dir", fresh, "--output_dir", tmp_path / "out"],
+         "no \"stage2\" entry", tmp_path / "out")

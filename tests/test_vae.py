@@ -1,0 +1,159 @@
+"""hunyuan_tpu.vae: both checkpoint layouts, the tiled decode against diffusers', JAX against eager."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLHunyuanVideo15
+from safetensors.torch import save_file
+
+from hunyuan_tpu.files import InputError
+from hunyuan_tpu.metrics import rel_l2
+from hunyuan_tpu.vae import Tiling, decode, encode_image, load_vae, official_to_diffusers_name, tiny_vae, to_frames
+
+DATA = Path(__file__).parent / "data" / "hunyuanvideo15_official_vae_params.json"
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_vae(seed=0)
+
+
+@pytest.fixture(scope="module")
+def latents():
+    # 2 latent frames (5 video frames) of 6 x 10 latent pixels: several tiles of 4 latent pixels
+    return torch.randn(1, 32, 2, 6, 10, generator=torch.Generator().manual_seed(1)).numpy()
+
+
+def test_official_names_map_onto_diffusers_one_to_one():
+    official = json.loads(DATA.read_text())["params"]
+    with torch.device("meta"):
+        reference = {k: list(v.shape) for k, v in AutoencoderKLHunyuanVideo15().state_dict().items()}
+    mapped = {official_to_diffusers_name(k): shape for k, shape in official.items()}
+    assert len(mapped) == len(official) == 218
+    assert mapped == reference
+
+
+def test_tiny_vae_compresses_like_the_released_one(vae):
+    assert vae.model.config.latent_channels == 32
+    assert (vae.model.spatial_compression_ratio, vae.model.temporal_compression_ratio) == (16, 4)
+
+
+SMALL_TILES = Tiling(tile_px=64, overlap=0.25)  # 4 latent pixels, stride 3, 16-pixel seams
+
+
+def test_tiled_decode_equals_diffusers_tiled_decode(vae, latents):
+    ours = decode(vae, latents, backend="torch", tiling=SMALL_TILES)
+    reference_model = tiny_vae(seed=0).model
+    reference_model.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4,
+                                  tile_latent_min_width=4, tile_overlap_factor=0.25)
+    with torch.no_grad():
+        reference = reference_model.decode(torch.from_numpy(latents) / vae.scaling_factor).sample.numpy()
+    assert ours.shape == reference.shape == (1, 3, 5, 96, 160)
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
+    # tiling is not a no-op here: the untiled decode differs at the seams
+    assert np.abs(decode(vae, latents, backend="torch", tiling=None) - ours).max() > 1e-3
+
+
+def test_jax_backend_equals_eager_torch(vae, latents):
+    eager = decode(vae, latents, backend="torch", tiling=SMALL_TILES)
+    jitted = decode(vae, latents, backend="jax", tiling=SMALL_TILES)
+    assert np.isfinite(jitted).all()
+    assert rel_l2(jitted, eager) < 1e-5
+
+
+def test_untiled_decode_is_the_decoder_on_scaled_latents(vae, latents):
+    with torch.no_grad():
+        reference = vae.model.decode(torch.from_numpy(latents) / vae.scaling_factor).sample.numpy()
+    np.testing.assert_allclose(decode(vae, latents, backend="torch", tiling=None), reference, rtol=0, atol=1e-6)
+    # a canvas within one tile is decoded whole, whatever the tiling
+    np.testing.assert_array_equal(decode(vae, latents, backend="torch", tiling=Tiling()),
+                                  decode(vae, latents, backend="torch", tiling=None))
+
+
+def test_frames_follow_the_official_save_video():
+    video = np.array([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0], np.float32).reshape(1, 1, 1, 1, 6).repeat(3, axis=1)
+    frames = to_frames(video)
+    assert frames.shape == (1, 1, 6, 3) and frames.dtype == np.uint8
+    assert frames[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
+
+
+def test_encode_image_is_the_scaled_posterior_mode(vae):
+    pixels = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    latents = encode_image(vae, pixels)
+    assert latents.shape == (1, 32, 1, 4, 6)
+    with torch.no_grad():
+        mode = vae.model.encode(pixels[:, :, None]).latent_dist.mode()
+    torch.testing.assert_close(latents, mode * vae.scaling_factor)
+
+
+def _official_config(model: AutoencoderKLHunyuanVideo15) -> dict:
+    c = model.config
+    return {"_class_name": "AutoencoderKLConv3D", "in_channels": c.in_channels, "out_channels": c.out_channels,
+            "latent_channels": c.latent_channels, "block_out_channels": list(c.block_out_channels),
+            "layers_per_block": c.layers_per_block, "ffactor_spatial": 16, "ffactor_temporal": 4,
+            "sample_size": 256, "sample_tsize": 64, "scaling_factor": c.scaling_factor, "shift_factor": None,
+            "downsample_match_channel": True, "upsample_match_channel": True}
+
+
+# diffusers -> official names, written independently of the module's rules
+TO_OFFICIAL = (
+    (r"\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r".down.\1.block.\2."),
+    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.", r".down.\1.downsample."),
+    (r"\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r".up.\1.block.\2."),
+    (r"\.up_blocks\.(\d+)\.upsamplers\.0\.", r".up.\1.upsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.to_", ".mid.attn_1."),
+    (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+)
+
+
+def to_official(name: str) -> str:
+    for pattern, replacement in TO_OFFICIAL:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def test_load_both_layouts(vae, tmp_path):
+    with torch.device("meta"):
+        released = AutoencoderKLHunyuanVideo15().state_dict()
+    assert {to_official(k) for k in released} == set(json.loads(DATA.read_text())["params"])
+    vae.model.save_pretrained(tmp_path / "diffusers")
+    state = vae.model.state_dict()
+    renamed = {to_official(k): v.contiguous() for k, v in state.items()}
+    (tmp_path / "official").mkdir()
+    save_file(renamed, str(tmp_path / "official" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "official" / "config.json").write_text(json.dumps(_official_config(vae.model)))
+    for layout in ("diffusers", "official"):
+        loaded = load_vae(tmp_path / layout)
+        assert loaded.model.state_dict().keys() == state.keys()
+        for name, tensor in loaded.model.state_dict().items():
+            assert torch.equal(tensor, state[name]), (layout, name)
+    assert load_vae(tmp_path / "official", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_load_errors_name_the_problem(vae, tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        load_vae(tmp_path / "missing")
+    folder = tmp_path / "vae"
+    vae.model.save_pretrained(folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    with pytest.raises(InputError, match="diffusion_pytorch_model.safetensors: no such file"):
+        load_vae(folder)
+    state = {k: v.contiguous() for k, v in vae.model.state_dict().items()}
+    state["decoder.conv_in.conv.bias"] = torch.zeros(3)
+    save_file(state, str(weights))
+    with pytest.raises(InputError, match="decoder.conv_in.conv.bias has shape"):
+        load_vae(folder)
+    (folder / "config.json").write_text(json.dumps({**_official_config(vae.model), "shift_factor": 0.1}))
+    with pytest.raises(InputError, match="shift_factor"):
+        load_vae(folder)
+    with pytest.raises(InputError, match="tile_size 100"):
+        Tiling(tile_px=100)
