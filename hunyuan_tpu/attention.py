@@ -32,14 +32,75 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array 
     return jnp.einsum("bnls,bnsd->bnld", probs.astype(v.dtype), v)
 
 
-KERNELS: dict[str, Kernel] = {"xla": xla_attention}
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def kernel(name: str) -> Kernel:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention kernel {name!r}; valid: {', '.join(KERNELS)}") from None
+def splash_attention(block_q: int = 512, block_kv: int = 512, interpret: bool = False) -> Kernel:
+    """TPU Pallas splash attention (flash attention with block-sparse masks) as a kernel.
+
+    The key mask becomes kv segment ids (1 valid, 0 padding; every query has segment 1, so
+    padded query rows still see valid keys and stay finite). Sequences that the block sizes
+    do not divide are padded, the padded keys masked and the padded queries dropped; blocks
+    are shrunk to the (128-rounded) sequence for short sequences. ``interpret`` runs the
+    kernel through the Pallas interpreter, which works on any backend (slowly).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    def attend(q, k, v, key_mask, scale):
+        b, n, length, d = q.shape
+        kv_length = k.shape[2]
+        bq = min(block_q, _round_up(length, 128))
+        bkv = min(block_kv, _round_up(kv_length, 128))
+        padded_q, padded_kv = _round_up(length, bq), _round_up(kv_length, bkv)
+        pad = lambda x, size: jnp.pad(x, ((0, 0), (0, 0), (0, size - x.shape[2]), (0, 0)))  # noqa: E731
+        q, k, v = pad(q * scale, padded_q), pad(k, padded_kv), pad(v, padded_kv)
+        kv_segments = jnp.pad(jnp.broadcast_to(key_mask, (b, 1, 1, kv_length))[:, 0, 0],
+                              ((0, 0), (0, padded_kv - kv_length))).astype(jnp.int32)
+        mask = splash.MultiHeadMask([splash.FullMask((padded_q, padded_kv))] * n)
+        sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv)
+        kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+        q_segments = jnp.ones((padded_q,), jnp.int32)
+        out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, splash.SegmentIds(q=q_segments, kv=seg)))(
+            q, k, v, kv_segments)
+        return out[:, :, :length].astype(v.dtype)
+
+    return attend
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, scale: float) -> jax.Array:
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only).
+
+    The key mask is passed as a mask rather than ``key_value_seq_lengths``: the valid keys are
+    not always a prefix (sequence-parallel runs pad the image tokens in the middle).
+    """
+    out = jax.nn.dot_product_attention(
+        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+        mask=key_mask, scale=scale, implementation="cudnn",
+    )
+    return out.transpose(0, 2, 1, 3)
+
+
+BACKENDS = ("auto", "xla", "splash", "cudnn")
+
+
+def kernel(name: str, *, platform: str | None = None, block_q: int = 512, block_kv: int = 512) -> Kernel:
+    """The kernel for ``--attention NAME``; "auto" picks splash on TPU, cuDNN on GPU, xla elsewhere.
+
+    Off TPU, splash runs in Pallas interpret mode (for tests; far too slow for real sizes).
+    """
+    platform = platform or jax.default_backend()
+    if name == "auto":
+        name = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+    if name == "xla":
+        return xla_attention
+    if name == "splash":
+        return splash_attention(block_q, block_kv, interpret=platform != "tpu")
+    if name == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"--attention cudnn needs a GPU (this backend is {platform})")
+        return cudnn_attention
+    raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
 def on_mesh(kernel: Kernel, mesh: Mesh | None) -> Kernel:

@@ -10,6 +10,7 @@ Shapes: B batch, L image tokens (T*H*W after patching), S text slots, C hidden, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable
@@ -28,6 +29,10 @@ def keep_layout(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def no_scope(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How a forward is placed on devices. The defaults run the model as plain PyTorch.
@@ -37,11 +42,13 @@ class Execution:
     "img_heads"/"txt_heads" (B, L, N, D) attention inputs, "img_attn"/"txt_attn" (B, L, C)
     attention outputs, "img_mlp"/"txt_mlp" (B, L, F) MLP hidden states). ``token_multiple``
     pads the image tokens to a multiple of itself; padded tokens are masked keys and are
-    dropped before the output, so they never change the result.
+    dropped before the output, so they never change the result. ``scope(name)`` names a phase
+    ("embed", "blocks", "double_block_<i>", "final_layer") for profiler traces.
     """
 
     layout: Layout = keep_layout
     token_multiple: int = 1
+    scope: Callable[[str], contextlib.AbstractContextManager] = no_scope
 
 
 # ---- functional pieces -----------------------------------------------------------------------
@@ -396,25 +403,29 @@ class HunyuanVideo15DiT(nn.Module):
         vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models.
         Returns (B, 32, T, H, W).
         """
-        cfg, layout = self.config, self.execution.layout
+        cfg, layout, scope = self.config, self.execution.layout, self.execution.scope
         if timestep_r is not None and self.time_r_in is None:
             raise ValueError("timestep_r given but this model has no time_r_in (use_meanflow=False)")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
 
-        img = self.img_in(x)
-        tokens = img.shape[1]
-        padding = -tokens % self.execution.token_multiple
-        img = layout(F.pad(img, (0, 0, 0, padding)), "img")
-        vec = self.time_in(t)
-        if timestep_r is not None:
-            vec = vec + self.time_r_in(timestep_r)
-        txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
-        txt = layout(txt, "txt")
-        cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
-        rope = F.pad(cos, (0, 0, 0, padding), value=1.0), F.pad(sin, (0, 0, 0, padding))
-        image_mask = torch.arange(tokens + padding, device=x.device) < tokens
-        key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
+        with scope("embed"):
+            img = self.img_in(x)
+            tokens = img.shape[1]
+            padding = -tokens % self.execution.token_multiple
+            img = layout(F.pad(img, (0, 0, 0, padding)), "img")
+            vec = self.time_in(t)
+            if timestep_r is not None:
+                vec = vec + self.time_r_in(timestep_r)
+            txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
+            txt = layout(txt, "txt")
+            cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
+            rope = F.pad(cos, (0, 0, 0, padding), value=1.0), F.pad(sin, (0, 0, 0, padding))
+            image_mask = torch.arange(tokens + padding, device=x.device) < tokens
+            key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, key_mask, layout)
-        return unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
+        with scope("blocks"):
+            for i, block in enumerate(self.double_blocks):
+                with scope(f"double_block_{i}"):
+                    img, txt = block(img, txt, vec, rope, key_mask, layout)
+        with scope("final_layer"):
+            return unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)

@@ -206,7 +206,9 @@ def step_function(
     """
     if (mesh is None) != (strategy is None):
         raise ValueError("give both mesh and strategy, or neither")
-    model = meta_model(config, parallel.execution(strategy, mesh) if mesh is not None else Execution())
+    execution = parallel.execution(strategy, mesh) if mesh is not None else Execution()
+    # named scopes make the profiler trace read embed / blocks / double_block_i / final_layer
+    model = meta_model(config, dataclasses.replace(execution, scope=jax.named_scope))
     step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype)
     # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
     # argument memory is exactly what the sharding tables imply

@@ -14,6 +14,8 @@ import dataclasses
 
 import jax
 
+from .config import DiTConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -61,3 +63,34 @@ def roofline(flops: float, hbm_bytes: float, wire_bytes: float, chip: Chip) -> R
     """Per-chip time for a step that does ``flops``, moves ``hbm_bytes`` through HBM and sends
     ``wire_bytes`` over ICI, at the chip's peak rates."""
     return Roofline(flops / chip.peak_flops, hbm_bytes / chip.hbm_bandwidth, wire_bytes / chip.ici_bandwidth)
+
+
+def dit_forward_flops(
+    config: DiTConfig, batch: int, image_tokens: int, text_tokens: int, byt5_tokens: int, vision_tokens: int = 0
+) -> float:
+    """FLOPs of one DiT forward (2 per multiply-add; norms, activations and softmax not counted).
+
+    With C hidden, F MLP width, L image tokens and S = text + ByT5 + vision slots, each double
+    block does 2 (L + S)(4C^2 + 2CF) for q/k/v/proj and the MLPs, 4 N (L + S)^2 D for joint
+    attention, and 2 x 2 x 6C^2 per sample for the two modulations; around the blocks come the
+    patch embedding, the token refiner (its own attention over the text), the ByT5 and vision
+    projections and the final layer.
+    """
+    c, f, n, d = config.hidden_size, config.mlp_hidden_dim, config.heads_num, config.head_dim
+    joint = image_tokens + text_tokens + byt5_tokens + vision_tokens
+    blocks = config.mm_double_blocks_depth * (
+        2 * joint * (4 * c * c + 2 * c * f) + 4 * n * joint * joint * d + 2 * 2 * 6 * c * c
+    )
+    timesteps = (2 if config.use_meanflow else 1) * 2 * (256 * c + c * c)
+    refiner = (
+        2 * text_tokens * config.text_states_dim * c  # input_embedder
+        + 2 * (config.text_states_dim * c + c * c) + 2 * (256 * c + c * c)  # pooled text and t embedders
+        + config.refiner_depth * (2 * text_tokens * (4 * c * c + 8 * c * c) + 4 * n * text_tokens ** 2 * d
+                                  + 2 * 2 * c * c)
+    )
+    h = config.byt5_hidden_dim
+    byt5 = 2 * byt5_tokens * (config.byt5_states_dim * h + h * h + h * c)
+    vision = 2 * vision_tokens * (config.vision_states_dim ** 2 + config.vision_states_dim * c)
+    patch = 2 * image_tokens * config.img_in_channels * c
+    final = 2 * 2 * c * c + 2 * image_tokens * c * config.out_channels
+    return float(batch * (blocks + timesteps + refiner + byt5 + vision + patch + final))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import sharding
-from hunyuan_tpu import handoff, parallel
+from hunyuan_tpu import attention, handoff, parallel
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
 from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
@@ -70,6 +70,21 @@ def add_devices_group(p: argparse.ArgumentParser) -> None:
                          "(axes dp, fsdp, sp, tp; default: every device on the strategy's own axis)")
 
 
+def add_kernels_group(p: argparse.ArgumentParser) -> None:
+    kernels = p.add_argument_group("attention, profiling and compilation")
+    kernels.add_argument("--attention", choices=attention.BACKENDS,
+                         help="attention kernel: splash on TPU, cudnn on GPU, xla (plain jnp) (default: auto, by platform)")
+    kernels.add_argument("--splash_block_q", type=int, metavar="N", help="splash query block (default: 512)")
+    kernels.add_argument("--splash_block_kv", type=int, metavar="N", help="splash key/value block (default: 512)")
+    kernels.add_argument("--enable_profiler", action="store_true",
+                         help="trace --profiler_steps extra steady-state steps after warm-up with jax.profiler")
+    kernels.add_argument("--profiler_output_dir", default="/dev/shm/jax-trace", metavar="DIR",
+                         help="where the trace goes, for TensorBoard / XProf (default: %(default)s)")
+    kernels.add_argument("--profiler_steps", type=int, default=3, metavar="N", help="steps traced (default: %(default)s)")
+    kernels.add_argument("--compilation_cache_dir", metavar="DIR",
+                         help="JAX persistent compilation cache: a second run with the same shapes skips compiling")
+
+
 def add_run_group(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
@@ -93,6 +108,7 @@ def build_parser() -> Parser:
     add_video_group(p)
     add_sampling_group(p)
     add_devices_group(p)
+    add_kernels_group(p)
     add_run_group(p)
     return p
 
@@ -111,6 +127,9 @@ GENERAL_DEFAULTS = {
     "checkpoint_every": (int, 0),
     "sharding": (str, None),
     "mesh": (str, None),
+    "attention": (str, "auto"),
+    "splash_block_q": (int, 512),
+    "splash_block_kv": (int, 512),
 }
 
 
@@ -205,6 +224,13 @@ def run(args: argparse.Namespace) -> int:
         shardings = parallel.param_shardings(strategy, mesh, shapes)
         s["sharding"], s["mesh"] = strategy.name, ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1"
 
+    try:
+        kernel = attention.kernel(s["attention"], block_q=s["splash_block_q"], block_kv=s["splash_block_kv"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.profiler_steps < 1:
+        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     run_id = fingerprint({k: v for k, v in s.items() if k not in ("warmup_steps", "checkpoint_every")},
@@ -219,8 +245,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume:
         print(f"no {checkpoint_path.name} in {out_dir}: starting from step 0", file=sys.stderr)
 
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     params = build_params(s["model"], config, dtype, shardings)
-    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy)
+    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy, attention=kernel)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))
 
     warmup_begin = time.perf_counter()
@@ -229,6 +258,12 @@ def run(args: argparse.Namespace) -> int:
         warm = denoiser.step(warm, i)
     jax.block_until_ready(warm)
     warmup_s = time.perf_counter() - warmup_begin
+    if args.enable_profiler:  # extra steps on the warm-up copy, so the timed loop stays untraced
+        with jax.profiler.trace(args.profiler_output_dir):
+            for i in range(args.profiler_steps):
+                with jax.profiler.StepTraceAnnotation("denoise", step_num=i):
+                    warm = denoiser.step(warm, i % settings.num_inference_steps).block_until_ready()
+        print(f"profiler: {args.profiler_steps} steps traced to {args.profiler_output_dir}", file=sys.stderr)
 
     def save_checkpoint(step: int, x: jax.Array) -> None:
         if writer and s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < settings.num_inference_steps:

@@ -143,7 +143,19 @@ def test_sharded_run_matches_one_device(demo, tmp_path):
     assert (record["sharding"], record["mesh"]) == ("tp_fc2_replicated", "tp=8")
 
 
+def test_splash_run_with_profiler_trace(demo, tmp_path):
+    proc = stage2("--input_dir", demo, "--output_dir", tmp_path / "out", "--attention", "splash",
+                  "--splash_block_q", 128, "--splash_block_kv", 128,
+                  "--enable_profiler", "--profiler_output_dir", tmp_path / "trace", "--profiler_steps", 2)
+    assert "profiler: 2 steps traced" in proc.stderr
+    assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no trace file written"
+    out, reference = latents(tmp_path / "out"), latents(demo)
+    assert np.linalg.norm(out - reference) / np.linalg.norm(reference) <= 1e-5
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["stage2"]["attention"] == "splash"
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--attention", "cudnn"], "--attention cudnn needs a GPU"),
     (["--mesh", "tp=3"], "--mesh tp=3: uses 3 devices, but 8 are available"),
     (["--mesh", "tp=8", "--sharding", "sp"], "axis tp=8 is not used by strategy sp"),
     (["--mesh", "sp=4,tp=2", "--sharding", "sp"], "axis tp=2 is not used"),
