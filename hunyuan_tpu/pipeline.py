@@ -15,19 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from sharding import Strategy
 
 from . import parallel, scheduler
+from .attention import Kernel, xla_attention
 from .config import DiTConfig
 from .files import InputError
 from .model import Execution
 from .params import meta_model
-from .attention import Kernel, xla_attention
 from .runtime import JaxParams, functional, tracing
 
 LATENT_CHANNELS = 32
@@ -37,8 +36,6 @@ VAE_TEMPORAL, VAE_SPATIAL = 4, 16
 # uses a base the official bucket code accepts (128); it is the tiny preset's, so that a
 # weight-free run has a canvas of about 8 x 8 latent pixels at any aspect ratio (160x96 at 16:9).
 RESOLUTION_BASE = {"96p": 128, "360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
-TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
-I2V_KEYS = ("vision_states", "image_cond_latents")
 _MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents"})
 
 
