@@ -30,7 +30,7 @@ from hunyuan_tpu.naming import diffusers_to_official
 from hunyuan_tpu.params import meta_model
 from hunyuan_tpu.projection import dit_forward_flops
 from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.runtime import device_array, functional, jax_dtype, tracing
+from hunyuan_tpu.runtime import device_array, functional, tracing
 from hunyuan_tpu.synthetic import random_inputs
 
 _STATUS = Path("/proc/self/status")
