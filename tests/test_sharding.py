@@ -108,7 +108,7 @@ def test_collectives_follow_from_the_tables():
 
 
 def test_per_device_weights_match_the_tables():
-    _cfg, shapes = _config(4), _shapes(_config(4))
+    shapes = _shapes(_config(4))
     other = run(4, "replicated", "tp=8").argument_bytes - 4 * sum(math.prod(s) for s in shapes.values())
     weights = {}
     for name, mesh_spec in MESHES.items():
