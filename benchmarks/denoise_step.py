@@ -10,7 +10,6 @@ path's trace + compile time is reported separately.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import time
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from hunyuan_tpu import pipeline
-from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.config import widened_tiny
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
@@ -47,10 +46,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
 
-    tiny = DiTConfig.preset("tiny")
-    head = args.hidden // tiny.heads_num
-    rope = (head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8)
-    cfg = dataclasses.replace(tiny, hidden_size=args.hidden, mm_double_blocks_depth=args.depth, rope_dim_list=rope)
+    cfg = widened_tiny(args.hidden, args.depth)
     dtype = getattr(torch, args.dtype)
     model = randomize_like_trained_(HunyuanVideo15DiT(cfg).eval(), seed=0).to(dtype)
     shape = pipeline.latent_shape(args.frames, args.height, args.width)

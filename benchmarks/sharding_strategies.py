@@ -25,7 +25,6 @@ pieces, norm statistics, RoPE tables and the latents, are small).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import platform
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 import sharding  # noqa: E402
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
-from hunyuan_tpu.config import DiTConfig  # noqa: E402
+from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
 from hunyuan_tpu.params import meta_model, random_params  # noqa: E402
 from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
 from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
@@ -83,10 +82,7 @@ def collective_line(compiled, scale: float = 1.0) -> tuple[str, float]:
 
 
 def measure_cpu(args) -> None:
-    tiny = DiTConfig.preset("tiny")
-    head = args.hidden // tiny.heads_num
-    rope = (head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8)
-    cfg = dataclasses.replace(tiny, hidden_size=args.hidden, mm_double_blocks_depth=args.depth, rope_dim_list=rope)
+    cfg = widened_tiny(args.hidden, args.depth)
     shape = pipeline.latent_shape(args.frames, args.height, args.width)
     conditions = conditions_for(cfg, shape, 32, 16)
     settings = pipeline.SamplingSettings(num_inference_steps=args.steps + 1, guidance_scale=6.0)
@@ -102,8 +98,8 @@ def measure_cpu(args) -> None:
         denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strategy)
         denoiser.compile((1, 32, *shape))
         result = pipeline.denoise(denoiser, pipeline.initial_noise(0, shape), progress=False)
-        memory = denoiser._compiled.memory_analysis()
-        collectives, wire = collective_line(denoiser._compiled)
+        memory = denoiser.compiled.memory_analysis()
+        collectives, wire = collective_line(denoiser.compiled)
         print(f"| {name} | {mesh_spec} | {np.mean(result.step_seconds[1:]):.3f} | {collectives} | "
               f"{wire / 2**20:.2f} | {memory.argument_size_in_bytes / 2**20:.1f} | "
               f"{memory.temp_size_in_bytes / 2**20:.1f} |")

@@ -225,3 +225,14 @@ PRESETS: dict[str, DiTConfig] = {
         byt5_hidden_dim=64,
     ),
 }
+
+
+def widened_tiny(hidden_size: int, depth: int) -> DiTConfig:
+    """The tiny preset at another width and depth (8 heads; RoPE split like the released
+    model's 16/56/56 of 128), for benchmarks that need the blocks to dominate."""
+    head = hidden_size // PRESETS["tiny"].heads_num
+    spatial = 3 * head // 8
+    return dataclasses.replace(
+        PRESETS["tiny"], hidden_size=hidden_size, mm_double_blocks_depth=depth,
+        rope_dim_list=(head - 2 * spatial, spatial, spatial),
+    )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .config import DiTConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+Streams = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, C), txt (B, S, C)) between two blocks
 Layout = Callable[[torch.Tensor, str], torch.Tensor]
 
 
@@ -52,6 +53,21 @@ class Execution:
 
 
 # ---- functional pieces -----------------------------------------------------------------------
+
+def condition_order(
+    text_mask: torch.Tensor, byt5_mask: torch.Tensor, vision_states: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, S) stable order that puts valid condition slots first, and their mask in it.
+
+    Slots as concatenated: [vision (all valid, i2v only), ByT5, LLM]; the masks are bool.
+    """
+    masks = [byt5_mask, text_mask]
+    if vision_states is not None:
+        masks.insert(0, torch.ones_like(vision_states[..., 0], dtype=torch.bool))
+    mask = torch.cat(masks, dim=1)
+    order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)
+    return order, torch.gather(mask, 1, order)
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: ``x * (1 + scale) + shift`` with per-sample (B, C) modulation over (B, L, C)."""
@@ -375,14 +391,11 @@ class HunyuanVideo15DiT(nn.Module):
         llm = self.txt_in(text_states, t, text_mask) + type_embedding[0]
         byt5 = self.byt5_in(byt5_states) + type_embedding[1]
         tokens = [byt5.masked_fill(~byt5_mask[..., None], 0), llm.masked_fill(~text_mask[..., None], 0)]
-        masks = [byt5_mask, text_mask]
         if vision_states is not None:
             tokens.insert(0, self.vision_in(vision_states) + type_embedding[2])
-            masks.insert(0, torch.ones_like(vision_states[..., 0], dtype=torch.bool))
-        tokens, mask = torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
-        order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)
-        tokens = torch.gather(tokens, 1, order[..., None].expand(-1, -1, tokens.shape[-1]))
-        return tokens, torch.gather(mask, 1, order)
+        order, mask = condition_order(text_mask, byt5_mask, vision_states)
+        tokens = torch.gather(torch.cat(tokens, dim=1), 1, order[..., None].expand(-1, -1, self.config.hidden_size))
+        return tokens, mask
 
     def forward(
         self,
@@ -394,7 +407,10 @@ class HunyuanVideo15DiT(nn.Module):
         byt5_mask: torch.Tensor,
         vision_states: torch.Tensor | None = None,
         timestep_r: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        split: int | None = None,
+        streams: Streams | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Streams]:
         """Predict the flow-matching velocity.
 
         x: (B, 65, T, H, W) = [noisy latents, condition latents, mask]; t: (B,) timesteps in
@@ -402,30 +418,47 @@ class HunyuanVideo15DiT(nn.Module):
         (B, S2, byt5_states_dim) with byt5_mask (B, S2); vision_states (B, S3,
         vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models.
         Returns (B, 32, T, H, W).
+
+        The feature cache (``hunyuan_tpu.cache``) cuts the forward at block ``split``. Without
+        ``streams`` the forward also returns the (img, txt) streams entering that block:
+        ``(velocity, streams)``. Given ``streams`` saved so at an earlier step, it starts there:
+        nothing is embedded and blocks before ``split`` do not run; the blocks from ``split`` on
+        and the final layer see this step's timestep embedding. ``x`` then gives only the shape.
         """
         cfg, layout, scope = self.config, self.execution.layout, self.execution.scope
         if timestep_r is not None and self.time_r_in is None:
             raise ValueError("timestep_r given but this model has no time_r_in (use_meanflow=False)")
+        if split is not None and not 0 <= split < len(self.double_blocks):
+            raise ValueError(f"split {split} is not a block index (0..{len(self.double_blocks) - 1})")
+        if streams is not None and split is None:
+            raise ValueError("streams need the split they were saved at")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+        tokens = math.prod(grid)
+        padding = -tokens % self.execution.token_multiple
 
         with scope("embed"):
-            img = self.img_in(x)
-            tokens = img.shape[1]
-            padding = -tokens % self.execution.token_multiple
-            img = layout(F.pad(img, (0, 0, 0, padding)), "img")
             vec = self.time_in(t)
             if timestep_r is not None:
                 vec = vec + self.time_r_in(timestep_r)
-            txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
-            txt = layout(txt, "txt")
+            if streams is None:
+                img = layout(F.pad(self.img_in(x), (0, 0, 0, padding)), "img")
+                txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
+                txt = layout(txt, "txt")
+            else:
+                img, txt = layout(streams[0], "img"), layout(streams[1], "txt")
+                _, txt_mask = condition_order(text_mask.bool(), byt5_mask.bool(), vision_states)
             cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
             rope = F.pad(cos, (0, 0, 0, padding), value=1.0), F.pad(sin, (0, 0, 0, padding))
             image_mask = torch.arange(tokens + padding, device=x.device) < tokens
             key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
+        first = 0 if streams is None else split
         with scope("blocks"):
-            for i, block in enumerate(self.double_blocks):
+            for i in range(first, len(self.double_blocks)):
+                if i == split:
+                    saved = img, txt
                 with scope(f"double_block_{i}"):
-                    img, txt = block(img, txt, vec, rope, key_mask, layout)
+                    img, txt = self.double_blocks[i](img, txt, vec, rope, key_mask, layout)
         with scope("final_layer"):
-            return unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
+            velocity = unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
+        return (velocity, saved) if split is not None and streams is None else velocity

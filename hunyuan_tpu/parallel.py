@@ -108,6 +108,11 @@ def check_fit(
             raise InputError(f"strategy {strategy.name} on this mesh: parameter {name} {tuple(shape)}: {problem}")
 
 
+def activation_sharding(strategy: Strategy, mesh: Mesh, name: str) -> NamedSharding:
+    """Where a named activation lives between steps; replicated where the strategy leaves it to XLA."""
+    return NamedSharding(mesh, strategy.activations.get(name, P()))
+
+
 def execution(strategy: Strategy, mesh: Mesh) -> Execution:
     """The model's layout hook and token padding for ``strategy`` on ``mesh``."""
     shardings = {name: NamedSharding(mesh, spec) for name, spec in strategy.activations.items()}

@@ -23,9 +23,10 @@ from sharding import Strategy
 
 from . import parallel, scheduler
 from .attention import Kernel, xla_attention
+from .cache import CacheSchedule
 from .config import DiTConfig
 from .files import InputError
-from .model import Execution
+from .model import Execution, Streams
 from .params import meta_model
 from .runtime import JaxParams, functional, tracing
 
@@ -144,14 +145,17 @@ def build_conditions(
 
 # ---- the step --------------------------------------------------------------------------------
 
-def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype) -> Callable:
-    """``step(params, conditions, latents, i) -> latents`` for one Euler step with CFG.
+def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int | None = None) -> Callable:
+    """``step(params, conditions, latents, i, streams=None)`` for one Euler step with CFG.
 
     ``conditions`` holds the device arrays from ``build_conditions`` plus ``sigmas`` (N+1,)
-    and ``guidance_scale`` (scalar); ``i`` is the traced step index.
+    and ``guidance_scale`` (scalar); ``i`` is the traced step index. With ``split`` (the
+    feature cache, ``hunyuan_tpu.cache``) a step without ``streams`` is a full step and returns
+    ``(latents, streams)``, the streams entering block ``split``; a step given them is a cached
+    step and returns the latents.
     """
 
-    def step(params, conditions, latents, i):
+    def step(params, conditions, latents, i, streams=None):
         sigma, sigma_next = conditions["sigmas"][i], conditions["sigmas"][i + 1]
         x = jnp.concatenate([latents, conditions["cond_latents"]], axis=1).astype(dtype)
         batch = 2 if cfg else 1
@@ -160,17 +164,20 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype) -> Callable:
         # meanflow: the model also sees the next timestep (0 on the last step, as sigmas end at 0)
         t_r = jnp.full((batch,), sigma_next * 1000) if meanflow else None
         with jax.named_scope("dit"):
-            v = apply(
+            out = apply(
                 params, x, t,
                 conditions["prompt_embeds"], conditions["prompt_mask"],
                 conditions["prompt_embeds_2"], conditions["prompt_mask_2"],
-                conditions.get("vision_states"), t_r,
-            ).astype(jnp.float32)
+                conditions.get("vision_states"), t_r, split=split, streams=streams,
+            )
+        v, saved = out if split is not None and streams is None else (out, None)
         with jax.named_scope("scheduler"):
+            v = v.astype(jnp.float32)
             if cfg:
                 v_uncond, v_cond = v[:1], v[1:]
                 v = v_uncond + conditions["guidance_scale"] * (v_cond - v_uncond)
-            return scheduler.euler_step(latents, v, sigma, sigma_next)
+            latents = scheduler.euler_step(latents, v, sigma, sigma_next)
+        return latents if saved is None else (latents, saved)
 
     return step
 
@@ -195,28 +202,40 @@ def step_function(
     *,
     mesh: Mesh | None = None,
     strategy: Strategy | None = None,
+    split: int | None = None,
+    cached: bool = False,
 ) -> Callable:
     """The jitted step for ``config``, laid out by ``strategy`` on ``mesh`` (both or neither).
 
     Latents go in and come out replicated, so every step has the same signature and reuses
-    one executable; the latents buffer is donated.
+    one executable; the latents buffer is donated. With ``split`` it is the feature cache's
+    full step (``cached`` False: also returns the streams, laid out like the model's residual
+    streams) or cached step (``cached`` True: takes them, and leaves them for the next one).
     """
     if (mesh is None) != (strategy is None):
         raise ValueError("give both mesh and strategy, or neither")
+    if cached and split is None:
+        raise ValueError("a cached step needs the split its streams were saved at")
     execution = parallel.execution(strategy, mesh) if mesh is not None else Execution()
     # named scopes make the profiler trace read embed / blocks / double_block_i / final_layer
     model = meta_model(config, dataclasses.replace(execution, scope=jax.named_scope))
-    step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype)
+    step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype, split=split)
+    out_shardings = replicated(mesh)
+    if mesh is not None and split is not None and not cached:
+        streams = tuple(parallel.activation_sharding(strategy, mesh, name) for name in ("img", "txt"))
+        out_shardings = (out_shardings, streams)
     # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
     # argument memory is exactly what the sharding tables imply
-    return jax.jit(step, donate_argnums=2, out_shardings=replicated(mesh), keep_unused=True)
+    return jax.jit(step, donate_argnums=2, out_shardings=out_shardings, keep_unused=True)
 
 
 class Denoiser:
-    """One run's parameters and conditions on device, with the step compiled once.
+    """One run's parameters and conditions on device, with its step function(s) compiled once.
 
     ``params`` (from ``hunyuan_tpu.params``) fix the model dtype and, with ``mesh`` and
     ``strategy``, where each weight lives; the step's activations follow the strategy's layouts.
+    With a ``cache`` schedule there are two executables, the full step and the cached step,
+    and ``step`` picks by the step index; the streams between them stay on device.
     """
 
     def __init__(
@@ -229,39 +248,69 @@ class Denoiser:
         mesh: Mesh | None = None,
         strategy: Strategy | None = None,
         attention: Kernel = xla_attention,
+        cache: CacheSchedule | None = None,
     ):
-        self.settings, self.mesh, self.params, self.attention = settings, mesh, params, attention
+        self.settings, self.mesh, self.params, self.attention, self.cache = settings, mesh, params, attention, cache
         dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
         self.latents_sharding = replicated(mesh)
         self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
-        self._jitted = step_function(config, settings, dtype, mesh=mesh, strategy=strategy)
-        self._compiled = None
+        layout = dict(mesh=mesh, strategy=strategy)
+        if cache is None:
+            self._jitted = step_function(config, settings, dtype, **layout)
+        else:
+            cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
+            split = cache.split(config.mm_double_blocks_depth)
+            self._jitted = step_function(config, settings, dtype, **layout, split=split)
+            self._jitted_cached = step_function(config, settings, dtype, **layout, split=split, cached=True)
+        self.compiled = self.compiled_cached = None
 
     @property
     def num_steps(self) -> int:
         return self.settings.num_inference_steps
 
+    def is_full(self, i: int) -> bool:
+        """Whether step ``i`` runs every block (always, without the cache)."""
+        return self.cache is None or self.cache.is_full(i)
+
     def compile(self, latents_shape: tuple[int, ...]) -> float:
-        """Trace and compile the step ahead of time; returns the seconds it took."""
+        """Trace and compile the step(s) ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
         with tracing(self.mesh, self.attention):
-            self._compiled = self._jitted.lower(self.params, self.conditions, latents, 0).compile()
+            lowered = self._jitted.lower(self.params, self.conditions, latents, 0)
+            self.compiled = lowered.compile()
+            if self.cache is not None:  # the cached step takes the streams as the full step leaves them
+                streams = tuple(
+                    jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+                    for info, sharding in zip(lowered.out_info[1], self.compiled.output_shardings[1])
+                )
+                self.compiled_cached = self._jitted_cached.lower(
+                    self.params, self.conditions, latents, 0, streams
+                ).compile()
         return time.perf_counter() - start
 
     def place(self, latents: np.ndarray) -> jax.Array:
         return jax.device_put(np.asarray(latents, np.float32), self.latents_sharding)
 
-    def step(self, latents: jax.Array, i: int) -> jax.Array:
-        if self._compiled is None:
+    def step(self, latents: jax.Array, i: int, streams: Streams | None = None) -> tuple[jax.Array, Streams | None]:
+        """Step ``i``: the new latents, and the streams for the cached steps after it (None
+        without the cache). A cached step needs the streams of the last full step."""
+        if self.compiled is None:
             self.compile(latents.shape)
-        return self._compiled(self.params, self.conditions, latents, i)
+        if self.cache is None:
+            return self.compiled(self.params, self.conditions, latents, i), None
+        if self.cache.is_full(i):
+            return self.compiled(self.params, self.conditions, latents, i)
+        if streams is None:
+            raise ValueError(f"step {i} is a cached step, but no full step ran before it")
+        return self.compiled_cached(self.params, self.conditions, latents, i, streams), streams
 
 
 @dataclasses.dataclass
 class LoopResult:
     latents: np.ndarray
     step_seconds: list[float]
+    full: list[bool]  # per step run: whether it ran every block (False: a cached step)
 
 
 def denoise(
@@ -275,15 +324,22 @@ def denoise(
     """Run steps ``start_step .. N-1`` from host ``latents``; ``on_step(i + 1, latents)`` after each.
 
     Each step is waited for, so that the per-step times are real; nothing else leaves the
-    device unless ``on_step`` asks for it.
+    device unless ``on_step`` asks for it. ``start_step`` must be a full step (the cache's
+    streams are not saved between runs).
     """
-    x = denoiser.place(latents)
-    times = []
+    if start_step < denoiser.num_steps and not denoiser.is_full(start_step):
+        raise ValueError(f"step {start_step} is a cached step: a run can start only at a full step")
+    x, streams = denoiser.place(latents), None
+    times, full = [], []
     for i in tqdm(range(start_step, denoiser.num_steps), desc="denoise", unit="step", disable=not progress,
                   initial=start_step, total=denoiser.num_steps):
+        if denoiser.is_full(i):
+            streams = None  # frees the old streams before the full step allocates new ones
         begin = time.perf_counter()
-        x = denoiser.step(x, i).block_until_ready()
+        x, streams = denoiser.step(x, i, streams)
+        x.block_until_ready()
         times.append(time.perf_counter() - begin)
+        full.append(denoiser.is_full(i))
         if on_step is not None:
             on_step(i + 1, x)
-    return LoopResult(np.asarray(x), times)
+    return LoopResult(np.asarray(x), times, full)

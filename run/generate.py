@@ -40,6 +40,7 @@ def build_parser() -> Parser:
     add_video_group(p)
     stage2.add_sampling_group(p)
     stage2.add_devices_group(p)
+    stage2.add_cache_group(p)
     stage2.add_kernels_group(p)
     stage2.add_run_group(p, checkpoints=False)
     stage3.add_decode_group(p)

@@ -22,6 +22,7 @@ import torch
 
 import sharding
 from hunyuan_tpu import attention, handoff, parallel
+from hunyuan_tpu.cache import CacheSchedule
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
 from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
@@ -70,6 +71,19 @@ def add_devices_group(p: argparse.ArgumentParser) -> None:
                          "(axes dp, fsdp, sp, tp; default: every device on the strategy's own axis)")
 
 
+def add_cache_group(p: argparse.ArgumentParser) -> None:
+    cache = p.add_argument_group("feature cache (DeepCache)")
+    cache.add_argument("--enable_cache", action="store_true", default=None,
+                       help="between full steps, reuse the features entering the last block(s) and run only those "
+                       "and the final layer")
+    cache.add_argument("--cache_start_step", type=int, metavar="N", help="steps before N all run in full (default: 11)")
+    cache.add_argument("--cache_end_step", type=int, metavar="N", help="steps from N on all run in full (default: 45)")
+    cache.add_argument("--cache_step_interval", type=int, metavar="K",
+                       help="from the start step to the end step, every K-th step runs in full (default: 4)")
+    cache.add_argument("--cache_keep_blocks", type=int, metavar="N",
+                       help="blocks that run on cached steps, the last N (default: 1)")
+
+
 def add_kernels_group(p: argparse.ArgumentParser) -> None:
     kernels = p.add_argument_group("attention, profiling and compilation")
     kernels.add_argument("--attention", choices=attention.BACKENDS,
@@ -108,6 +122,7 @@ def build_parser() -> Parser:
     add_video_group(p)
     add_sampling_group(p)
     add_devices_group(p)
+    add_cache_group(p)
     add_kernels_group(p)
     add_run_group(p)
     return p
@@ -130,6 +145,11 @@ GENERAL_DEFAULTS = {
     "attention": (str, "auto"),
     "splash_block_q": (int, 512),
     "splash_block_kv": (int, 512),
+    "enable_cache": (bool, False),
+    "cache_start_step": (int, CacheSchedule.start),
+    "cache_end_step": (int, CacheSchedule.end),
+    "cache_step_interval": (int, CacheSchedule.interval),
+    "cache_keep_blocks": (int, CacheSchedule.keep_blocks),
 }
 
 
@@ -212,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
     s["height"], s["width"] = s["height"] or bucket_h, s["width"] or bucket_w
     shape = latent_shape(s["video_length"], s["height"], s["width"])
     settings = SamplingSettings(s["num_inference_steps"], s["guidance_scale"], s["flow_shift"])
+    cache = None
+    if s["enable_cache"]:
+        cache = CacheSchedule(s["cache_start_step"], s["cache_end_step"], s["cache_step_interval"], s["cache_keep_blocks"])
+        cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
     embeddings = handoff.read_embeddings(in_dir, task=s["task"], model=config, latent_hw=shape[1:])
     conditions = build_conditions(embeddings, task=s["task"], shape=shape, cfg=settings.cfg)
     layout = choose_layout(s["sharding"], s["mesh"])
@@ -249,24 +273,34 @@ def run(args: argparse.Namespace) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     params = build_params(s["model"], config, dtype, shardings)
-    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy, attention=kernel)
+    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy, attention=kernel,
+                        cache=cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))
 
+    steps = settings.num_inference_steps
     warmup_begin = time.perf_counter()
-    warm = denoiser.place(latents)
-    for i in range(min(s["warmup_steps"], settings.num_inference_steps)):
-        warm = denoiser.step(warm, i)
+    warm, streams = denoiser.place(latents), None
+    warm_steps = list(range(min(s["warmup_steps"], steps)))
+    cached_steps = [i for i in range(steps) if not denoiser.is_full(i)]
+    if warm_steps and cached_steps:  # the first run of the cached step's executable is not timed either
+        warm_steps.append(cached_steps[0])
+    for i in warm_steps:
+        warm, streams = denoiser.step(warm, i, streams)
     jax.block_until_ready(warm)
     warmup_s = time.perf_counter() - warmup_begin
     if args.enable_profiler:  # extra steps on the warm-up copy, so the timed loop stays untraced
+        first = cache.start if cache else 0  # with the cache, a stretch where full and cached steps alternate
         with jax.profiler.trace(args.profiler_output_dir):
-            for i in range(args.profiler_steps):
-                with jax.profiler.StepTraceAnnotation("denoise", step_num=i):
-                    warm = denoiser.step(warm, i % settings.num_inference_steps).block_until_ready()
+            for n in range(args.profiler_steps):
+                with jax.profiler.StepTraceAnnotation("denoise", step_num=n):
+                    warm, streams = denoiser.step(warm, (first + n) % steps, streams)
+                    warm.block_until_ready()
         print(f"profiler: {args.profiler_steps} steps traced to {args.profiler_output_dir}", file=sys.stderr)
 
     def save_checkpoint(step: int, x: jax.Array) -> None:
-        if writer and s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < settings.num_inference_steps:
+        # only before a full step: a resumed run needs no feature cache
+        if (writer and s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < steps
+                and denoiser.is_full(step)):
             save_safetensors({"latents": torch.tensor(np.asarray(x))}, checkpoint_path,
                              metadata={"step": str(step), "run": run_id})
 
@@ -274,16 +308,22 @@ def run(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     handoff.write_latents(out_dir, result.latents)
-    steps_run = len(result.step_seconds)
-    mean_step_s = float(np.mean(result.step_seconds)) if steps_run else 0.0
+    seconds = np.array(result.step_seconds)
+    full = np.array(result.full, bool)
+    steps_run = len(seconds)
+    mean_step_s = float(seconds.mean()) if steps_run else 0.0
+    mean_full_s = float(seconds[full].mean()) if full.any() else 0.0
+    mean_cached_s = float(seconds[~full].mean()) if (~full).any() else 0.0
     total_s = time.perf_counter() - started
     device = jax.devices()[0]
     record = {
         **s,
         "latent_shape": list(shape),
         "steps": steps_run,
-        "full_steps": steps_run,
-        "cached_steps": 0,
+        "full_steps": int(full.sum()),
+        "cached_steps": int((~full).sum()),
+        "mean_full_step_s": round(mean_full_s, 4),
+        "mean_cached_step_s": round(mean_cached_s, 4),
         "resumed_from_step": start_step,
         "compile_s": round(compile_s, 3),
         "warmup_s": round(warmup_s, 3),
@@ -293,7 +333,9 @@ def run(args: argparse.Namespace) -> int:
     }
     handoff.update_config(out_dir, {**stage_config, "stage2": record})
     checkpoint_path.unlink(missing_ok=True)
-    print(f"stage 2: compile {compile_s:.2f} s | {steps_run} steps, mean {mean_step_s:.4f} s/step | "
+    cached_part = f", {int((~full).sum())} cached (mean {mean_cached_s:.4f} s)" if cache else ""
+    print(f"stage 2: compile {compile_s:.2f} s | {steps_run} steps, mean {mean_step_s:.4f} s/step: "
+          f"{int(full.sum())} full (mean {mean_full_s:.4f} s){cached_part} | "
           f"total {total_s:.2f} s -> {out_dir / handoff.LATENTS_NAME}")
     return 0
 

@@ -62,7 +62,7 @@ def run(depth: int, strategy: str | None = None, mesh_spec: str | None = None) -
     params = random_params(cfg, torch.float32, seed=3, shardings=shardings)
     denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat)
     denoiser.compile((1, 32, *SHAPE))
-    compiled = denoiser._compiled
+    compiled = denoiser.compiled
     latents = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False).latents
     return Run(latents, hlo.summary(hlo.collectives(compiled.as_text())),
                compiled.memory_analysis().argument_size_in_bytes, shardings)

@@ -92,11 +92,12 @@ def test_checkpoint_path_gives_the_preset_weights(demo, tmp_path):
 
 def test_help_is_grouped():
     out = stage2("--help").stdout
-    for group in ("input and output:", "model:", "video:", "sampling:", "run:"):
+    for group in ("input and output:", "model:", "video:", "sampling:", "feature cache (DeepCache):", "run:"):
         assert group in out
     for flag in ("--input_dir", "--output_dir", "--video_length", "--num_inference_steps", "--guidance_scale",
                  "--seed", "--warmup_steps", "--model", "--dtype", "--aspect_ratio", "--height", "--width",
-                 "--checkpoint_every", "--resume", "--demo"):
+                 "--checkpoint_every", "--resume", "--demo", "--enable_cache", "--cache_start_step",
+                 "--cache_end_step", "--cache_step_interval", "--cache_keep_blocks"):
         assert flag in out
 
 
@@ -108,10 +109,13 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
-def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
+@pytest.mark.parametrize("cache", [[], ["--enable_cache", "--cache_start_step", 2, "--cache_end_step", 38]],
+                         ids=["plain", "cache"])
+def test_kill_and_resume_matches_uninterrupted(demo, tmp_path, cache):
     # A bigger canvas than the demo's so that steps take long enough to kill the run part-way.
+    # With the cache, checkpoints land only before full steps, so a resumed run needs no cache.
     common = ["--input_dir", demo, "--height", 192, "--width", 192, "--video_length", 17,
-              "--num_inference_steps", 40, "--warmup_steps", 0]
+              "--num_inference_steps", 40, "--warmup_steps", 0, *cache]
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, common), "--output_dir", str(interrupted),
@@ -141,6 +145,16 @@ def test_sharded_run_matches_one_device(demo, tmp_path):
     stage2("--input_dir", demo, "--output_dir", tmp_path / "default", devices=8)
     record = json.loads((tmp_path / "default" / "config.json").read_text())["stage2"]
     assert (record["sharding"], record["mesh"]) == ("tp_fc2_replicated", "tp=8")
+
+
+def test_cache_run_reports_full_and_cached_steps(demo, tmp_path):
+    proc = stage2("--input_dir", demo, "--output_dir", tmp_path, "--enable_cache")
+    assert re.search(r"25 full \(mean [\d.]+ s\), 25 cached \(mean [\d.]+ s\)", proc.stdout), proc.stdout
+    record = json.loads((tmp_path / "config.json").read_text())["stage2"]
+    assert (record["full_steps"], record["cached_steps"], record["cache_keep_blocks"]) == (25, 25, 1)
+    assert 0 < record["mean_cached_step_s"] and 0 < record["mean_full_step_s"]
+    out, reference = latents(tmp_path), latents(demo)
+    assert np.isfinite(out).all() and 1e-4 < np.linalg.norm(out - reference) / np.linalg.norm(reference) < 0.5
 
 
 def test_splash_run_with_profiler_trace(demo, tmp_path):
@@ -206,6 +220,12 @@ BAD_INPUTS = {
     "resolution": (lambda f: None, ["--width", 100], "--width 100 must be a positive multiple of 16"),
     "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not a valid int"),
     "unknown model": (lambda f: None, ["--model", "nonexistent"], "--model nonexistent: no such checkpoint"),
+    "cache order": (lambda f: None, ["--enable_cache", "--cache_start_step", 30, "--cache_end_step", 20],
+                    "--cache_start_step 30 is after --cache_end_step 20"),
+    "cache interval": (lambda f: None, ["--enable_cache", "--cache_step_interval", 0], "--cache_step_interval 0 must be >= 1"),
+    "cache end": (lambda f: None, ["--enable_cache", "--num_inference_steps", 30],
+                  r"--cache_end_step 45 is past the last step \(--num_inference_steps 30\)"),
+    "cache blocks": (lambda f: None, ["--enable_cache", "--cache_keep_blocks", 3], "--cache_keep_blocks 3 must be between 1"),
 }
 
 

@@ -1,0 +1,91 @@
+"""DeepCache: cached-step cost against a full step, end-to-end speedup, and drift of the result.
+
+    python benchmarks/deepcache.py --depth 16 --hidden 256 --frames 33 --height 128 --width 128
+
+Runs the whole denoising loop (CFG batch of 2) once without the cache and once per schedule
+("start,end,interval[,keep_blocks]"), all from the same seeded weights, embeddings and noise.
+Per schedule: mean full and cached step times, their ratio next to the ideal (kept blocks /
+all blocks) and next to the compiled FLOP ratio, the loop's speedup, and the drift of the final
+latents from the uncached run (relative L2, and PSNR over the uncached latents' range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import numpy as np
+import torch
+
+from hunyuan_tpu import pipeline
+from hunyuan_tpu.cache import CacheSchedule
+from hunyuan_tpu.config import widened_tiny
+from hunyuan_tpu.metrics import rel_l2
+from hunyuan_tpu.params import random_params
+from hunyuan_tpu.synthetic import stage1_embeddings
+
+SCHEDULES = ["11,45,4", "11,45,2", "5,47,6", "11,45,4,4"]
+
+
+def psnr(x: np.ndarray, reference: np.ndarray) -> float:
+    peak = float(reference.max() - reference.min())
+    return 20 * math.log10(peak / float(np.sqrt(np.mean((x - reference) ** 2))))
+
+
+def parse_schedule(text: str) -> CacheSchedule:
+    return CacheSchedule(*(int(v) for v in text.split(",")))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=16, help="double blocks (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size, 8 heads (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    p.add_argument("--schedule", action="append", metavar="S,E,I[,K]",
+                   help=f"cache schedule, repeatable (default: {' '.join(SCHEDULES)})")
+    args = p.parse_args()
+
+    cfg = widened_tiny(args.hidden, args.depth)
+    shape = pipeline.latent_shape(args.frames, args.height, args.width)
+    emb = {k: v.numpy() for k, v in stage1_embeddings(cfg, latent_hw=shape[1:], seed=0).items()}
+    conditions = pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=True)
+    settings = pipeline.SamplingSettings(num_inference_steps=args.steps, guidance_scale=6.0, flow_shift=5.0)
+    params = random_params(cfg, torch.float32, seed=0)
+    noise = pipeline.initial_noise(0, shape)
+    print(f"model: {args.depth} blocks, hidden {args.hidden}, float32; latents {shape} = {math.prod(shape)} "
+          f"video tokens; CFG batch 2; {args.steps} steps")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n")
+
+    def run(cache: CacheSchedule | None):
+        denoiser = pipeline.Denoiser(cfg, params, conditions, settings, cache=cache)
+        compile_s = denoiser.compile(noise.shape)
+        pipeline.denoise(denoiser, noise, progress=False)  # warm-up: first runs of each executable
+        begin = time.perf_counter()
+        result = pipeline.denoise(denoiser, noise, progress=False)
+        return denoiser, result, time.perf_counter() - begin, compile_s
+
+    _, plain, plain_s, plain_compile = run(None)
+    print(f"no cache: {plain_s:.2f} s for {args.steps} steps, mean {np.mean(plain.step_seconds):.4f} s/step "
+          f"(compile {plain_compile:.2f} s)\n")
+    print("| schedule (start,end,interval,keep) | full / cached steps | full step s | cached step s | "
+          "cached / full | ideal (keep / depth) | FLOP ratio | loop s | speedup | rel L2 | PSNR dB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for text in args.schedule or SCHEDULES:
+        cache = parse_schedule(text)
+        denoiser, result, loop_s, _ = run(cache)
+        times, full = np.array(result.step_seconds), np.array(result.full)
+        full_s, cached_s = times[full].mean(), times[~full].mean()
+        flops = denoiser.compiled_cached.cost_analysis()["flops"] / denoiser.compiled.cost_analysis()["flops"]
+        print(f"| {cache.start},{cache.end},{cache.interval},{cache.keep_blocks} | {full.sum()} / {(~full).sum()} | "
+              f"{full_s:.4f} | {cached_s:.4f} | {cached_s / full_s:.3f} | {cache.keep_blocks / args.depth:.3f} | "
+              f"{flops:.3f} | {loop_s:.2f} | {plain_s / loop_s:.2f}x | {rel_l2(result.latents, plain.latents):.2e} | "
+              f"{psnr(result.latents, plain.latents):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
