@@ -8,6 +8,7 @@ Latents stay float32 on device between steps; the model sees them in its own dty
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -254,14 +255,12 @@ class Denoiser:
         dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
         self.latents_sharding = replicated(mesh)
         self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
-        layout = dict(mesh=mesh, strategy=strategy)
-        if cache is None:
-            self._jitted = step_function(config, settings, dtype, **layout)
-        else:
+        if cache is not None:
             cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
-            split = cache.split(config.mm_double_blocks_depth)
-            self._jitted = step_function(config, settings, dtype, **layout, split=split)
-            self._jitted_cached = step_function(config, settings, dtype, **layout, split=split, cached=True)
+        split = cache.split(config.mm_double_blocks_depth) if cache is not None else None
+        jitted = functools.partial(step_function, config, settings, dtype, mesh=mesh, strategy=strategy, split=split)
+        self._jitted = jitted()
+        self._jitted_cached = jitted(cached=True) if cache is not None else None
         self.compiled = self.compiled_cached = None
 
     @property
