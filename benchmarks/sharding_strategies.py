@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import sharding  # noqa: E402
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
-from hunyuan_tpu.params import meta_model, random_params  # noqa: E402
+from hunyuan_tpu.params import random_params  # noqa: E402
 from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
 from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
 
@@ -67,10 +67,8 @@ def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) ->
 
 
 def layout(cfg: DiTConfig, name: str, mesh_spec: str):
-    strategy, mesh = sharding.get(name), parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
-    shapes = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
-    parallel.check_fit(strategy, mesh, cfg, shapes, batch=2)
-    return strategy, mesh, shapes, parallel.param_shardings(strategy, mesh, shapes)
+    strategy = sharding.get(name)
+    return strategy, *parallel.sharded_layout(cfg, strategy, parallel.parse_mesh_spec(mesh_spec), batch=2)
 
 
 def collective_line(compiled, scale: float = 1.0) -> tuple[str, float]:
@@ -93,7 +91,7 @@ def measure_cpu(args) -> None:
           "args MiB/device | temp MiB/device |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh_spec in LAYOUTS:
-        strategy, mesh, shapes, shardings = layout(cfg, name, mesh_spec)
+        strategy, mesh, shardings = layout(cfg, name, mesh_spec)
         params = random_params(cfg, torch.float32, seed=0, shardings=shardings)
         denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strategy)
         denoiser.compile((1, 32, *shape))
@@ -127,7 +125,8 @@ def project(args) -> None:
           "ICI GB sent/chip | collectives | compute s | memory s | ICI s | step s (overlapped) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh_spec in LAYOUTS:
-        strategy, mesh, shapes, shardings = layout(cfg, name, mesh_spec)
+        strategy, mesh, shardings = layout(cfg, name, mesh_spec)
+        shapes = parallel.param_shapes(cfg)
         abstract_params = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
         replicated = pipeline.replicated(mesh)
         abstract_conditions = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)

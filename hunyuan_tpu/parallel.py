@@ -21,6 +21,7 @@ from sharding import MESH_AXES, Strategy
 from .config import DiTConfig
 from .files import InputError
 from .model import Execution
+from .params import meta_model
 
 
 def parse_mesh_spec(text: str) -> dict[str, int]:
@@ -106,6 +107,22 @@ def check_fit(
         problem = _divides(param_spec(strategy, name), shape, mesh)
         if problem:
             raise InputError(f"strategy {strategy.name} on this mesh: parameter {name} {tuple(shape)}: {problem}")
+
+
+def param_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, from a model on the meta device (no memory)."""
+    return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
+
+
+def sharded_layout(
+    config: DiTConfig, strategy: Strategy, sizes: Mapping[str, int], *, batch: int
+) -> tuple[Mesh, dict[str, NamedSharding]]:
+    """A mesh of ``sizes`` over all devices, checked to fit ``strategy`` for ``config`` and a
+    CFG ``batch``, and where each parameter lives on it."""
+    mesh = make_mesh(sizes)
+    shapes = param_shapes(config)
+    check_fit(strategy, mesh, config, shapes, batch)
+    return mesh, param_shardings(strategy, mesh, shapes)
 
 
 def activation_sharding(strategy: Strategy, mesh: Mesh, name: str) -> NamedSharding:

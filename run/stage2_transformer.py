@@ -25,7 +25,7 @@ from hunyuan_tpu import attention, handoff, parallel
 from hunyuan_tpu.cache import CacheSchedule
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
-from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
+from hunyuan_tpu.params import checkpoint_params, random_params
 from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape,
@@ -242,10 +242,7 @@ def run(args: argparse.Namespace) -> int:
     mesh = strategy = shardings = None
     if layout is not None:
         strategy, sizes = layout
-        mesh = parallel.make_mesh(sizes)
-        shapes = {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
-        parallel.check_fit(strategy, mesh, config, shapes, batch=2 if settings.cfg else 1)
-        shardings = parallel.param_shardings(strategy, mesh, shapes)
+        mesh, shardings = parallel.sharded_layout(config, strategy, sizes, batch=2 if settings.cfg else 1)
         s["sharding"], s["mesh"] = strategy.name, ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1"
 
     try:

@@ -12,7 +12,7 @@ import sharding
 from hunyuan_tpu import attention, parallel, pipeline
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.metrics import rel_l2
-from hunyuan_tpu.params import meta_model, random_params
+from hunyuan_tpu.params import random_params
 from hunyuan_tpu.synthetic import stage1_embeddings
 
 SHAPE = (3, 4, 7)  # 84 image tokens + text: no block size divides the joint length
@@ -54,8 +54,8 @@ def _denoise(kernel, strategy=None, mesh_spec=None):
     settings = pipeline.SamplingSettings(num_inference_steps=2, guidance_scale=4.0)
     mesh = shardings = strat = None
     if strategy:
-        strat, mesh = sharding.get(strategy), parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
-        shardings = parallel.param_shardings(strat, mesh, {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()})
+        strat = sharding.get(strategy)
+        mesh, shardings = parallel.sharded_layout(cfg, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
     params = random_params(cfg, torch.float32, seed=1, shardings=shardings)
     denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat, attention=kernel)
     return denoiser, pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False).latents

@@ -15,7 +15,7 @@ from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import HunyuanVideo15DiT
-from hunyuan_tpu.params import meta_model, random_params
+from hunyuan_tpu.params import random_params
 from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings
 
@@ -78,9 +78,8 @@ def run(cache: CacheSchedule | None, strategy: str | None = None, mesh_spec: str
     settings = pipeline.SamplingSettings(num_inference_steps=STEPS, guidance_scale=5.0)
     mesh = strat = shardings = None
     if strategy is not None:
-        strat, mesh = sharding.get(strategy), parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
-        shapes = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
-        shardings = parallel.param_shardings(strat, mesh, shapes)
+        strat = sharding.get(strategy)
+        mesh, shardings = parallel.sharded_layout(cfg, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
     params = random_params(cfg, torch.float32, seed=3, shardings=shardings)
     denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat, cache=cache)
     result = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False)

@@ -16,7 +16,7 @@ from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import HunyuanVideo15DiT
-from hunyuan_tpu.params import checkpoint_params, meta_model, random_params
+from hunyuan_tpu.params import checkpoint_params, random_params
 from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.synthetic import stage1_embeddings
 
@@ -36,10 +36,6 @@ def _config(depth: int) -> DiTConfig:
     return dataclasses.replace(DiTConfig.preset("tiny"), mm_double_blocks_depth=depth)
 
 
-def _shapes(cfg: DiTConfig) -> dict:
-    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
-
-
 @dataclasses.dataclass
 class Run:
     latents: np.ndarray
@@ -56,9 +52,8 @@ def run(depth: int, strategy: str | None = None, mesh_spec: str | None = None) -
     settings = pipeline.SamplingSettings(num_inference_steps=STEPS, guidance_scale=5.0)
     mesh = strat = shardings = None
     if strategy is not None:
-        strat, mesh = sharding.get(strategy), parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
-        parallel.check_fit(strat, mesh, cfg, _shapes(cfg), batch=2)
-        shardings = parallel.param_shardings(strat, mesh, _shapes(cfg))
+        strat = sharding.get(strategy)
+        mesh, shardings = parallel.sharded_layout(cfg, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
     params = random_params(cfg, torch.float32, seed=3, shardings=shardings)
     denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat)
     denoiser.compile((1, 32, *SHAPE))
@@ -108,7 +103,7 @@ def test_collectives_follow_from_the_tables():
 
 
 def test_per_device_weights_match_the_tables():
-    shapes = _shapes(_config(4))
+    shapes = parallel.param_shapes(_config(4))
     other = run(4, "replicated", "tp=8").argument_bytes - 4 * sum(math.prod(s) for s in shapes.values())
     weights = {}
     for name, mesh_spec in MESHES.items():
@@ -124,7 +119,7 @@ def test_checkpoint_loads_into_slices(tmp_path):
     model = randomize_like_trained_(HunyuanVideo15DiT(cfg), seed=4)
     save_transformer(model, tmp_path / "ckpt", max_shard_bytes=300_000)
     strat, mesh = sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("tp=8"))
-    shardings = parallel.param_shardings(strat, mesh, _shapes(cfg))
+    shardings = parallel.param_shardings(strat, mesh, parallel.param_shapes(cfg))
     params = checkpoint_params(tmp_path / "ckpt", cfg, torch.float32, shardings)
     state = model.state_dict()
     name = "double_blocks.1.img_attn_q.weight"
@@ -152,14 +147,14 @@ def test_mesh_specs():
 
 def test_check_fit_explains_what_does_not_fit():
     cfg = _config(2)
-    shapes = _shapes(cfg)
+    shapes = parallel.param_shapes(cfg)
     mesh = parallel.make_mesh(parallel.parse_mesh_spec("sp=2,tp=4"))
     with pytest.raises(InputError, match="axis sp=2 is not used by strategy tp"):
         parallel.check_fit(sharding.get("tp"), mesh, cfg, shapes, batch=2)
     four_heads = dataclasses.replace(cfg, heads_num=4, rope_dim_list=(8, 12, 12))
     with pytest.raises(InputError, match="4 heads over 8 devices"):
         parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("tp=8")), four_heads,
-                           _shapes(four_heads), batch=2)
+                           parallel.param_shapes(four_heads), batch=2)
     with pytest.raises(InputError, match="dp=2 splits the CFG batch, which has 1"):
         parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("dp=2,tp=4")), cfg,
                            shapes, batch=1)
