@@ -68,15 +68,32 @@ def splash_attention(block_q: int = 512, block_kv: int = 512, interpret: bool = 
     return attend
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, scale: float) -> jax.Array:
-    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU only).
+def valid_keys_first(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys and values reordered so each sample's valid keys come first, and their count.
 
-    The key mask is passed as a mask rather than ``key_value_seq_lengths``: the valid keys are
-    not always a prefix (sequence-parallel runs pad the image tokens in the middle).
+    Softmax attention does not depend on the order of the keys, so a (B, 1, 1, S) key mask of
+    any pattern becomes a key length (the form cuDNN's flash kernel takes) after a stable sort.
+    The DiT's valid keys are a prefix already except where sequence parallelism pads the image
+    tokens in the middle of the sequence.
     """
+    valid = jnp.broadcast_to(key_mask, (k.shape[0], 1, 1, k.shape[2]))[:, 0, 0]
+    order = jnp.argsort(~valid, axis=-1, stable=True)[:, None, :, None]
+    return (jnp.take_along_axis(k, order, axis=2), jnp.take_along_axis(v, order, axis=2),
+            valid.sum(-1).astype(jnp.int32))
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, scale: float,
+                    implementation: str = "cudnn") -> jax.Array:
+    """cuDNN flash attention through ``jax.nn.dot_product_attention`` (GPU, bf16 or fp16).
+
+    The key mask goes in as ``key_value_seq_lengths`` after ``valid_keys_first``: cuDNN takes a
+    dense mask only as an (L, S) bias, which at video lengths is gigabytes per sample.
+    ``implementation`` is for tests on CPU (``"xla"`` runs the same call without cuDNN).
+    """
+    k, v, lengths = valid_keys_first(k, v, key_mask)
     out = jax.nn.dot_product_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-        mask=key_mask, scale=scale, implementation="cudnn",
+        scale=scale, key_value_seq_lengths=lengths, implementation=implementation,
     )
     return out.transpose(0, 2, 1, 3)
 
@@ -84,14 +101,17 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
 BACKENDS = ("auto", "xla", "splash", "cudnn")
 
 
-def kernel(name: str, *, platform: str | None = None, block_q: int = 512, block_kv: int = 512) -> Kernel:
-    """The kernel for ``--attention NAME``; "auto" picks splash on TPU, cuDNN on GPU, xla elsewhere.
+def kernel(name: str, *, platform: str | None = None, dtype=jnp.bfloat16, block_q: int = 512,
+           block_kv: int = 512) -> Kernel:
+    """The kernel for ``--attention NAME`` at compute ``dtype``; "auto" picks splash on TPU,
+    cuDNN on GPU (in bf16/fp16, the precisions it has; xla for float32), xla elsewhere.
 
     Off TPU, splash runs in Pallas interpret mode (for tests; far too slow for real sizes).
     """
     platform = platform or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
-        name = {"tpu": "splash", "gpu": "cudnn"}.get(platform, "xla")
+        name = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
     if name == "xla":
         return xla_attention
     if name == "splash":
@@ -99,6 +119,8 @@ def kernel(name: str, *, platform: str | None = None, block_q: int = 512, block_
     if name == "cudnn":
         if platform != "gpu":
             raise ValueError(f"--attention cudnn needs a GPU (this backend is {platform})")
+        if not half:
+            raise ValueError(f"--attention cudnn needs bfloat16 or float16 (the model runs in {jnp.dtype(dtype)})")
         return cudnn_attention
     raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
 

@@ -17,7 +17,13 @@ import torch
 from .config import PRESETS, DiTConfig
 from .files import InputError, read_safetensors, save_safetensors, write_json
 from .model import HunyuanVideo15DiT
-from .naming import diffusers_to_official, is_diffusers_naming
+from .naming import diffusers_to_official, is_diffusers_naming, official_to_diffusers
+
+__all__ = [
+    "CheckpointError", "checkpoint_config", "checkpoint_files", "check_state_dict", "diffusers_to_official",
+    "infer_config", "load_transformer", "official_to_diffusers", "parameter_count", "read_tensors",
+    "save_transformer",
+]
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

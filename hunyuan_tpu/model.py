@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -34,6 +35,10 @@ def no_scope(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def no_checkpoint(fn: Callable) -> Callable:
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How a forward is placed on devices. The defaults run the model as plain PyTorch.
@@ -45,28 +50,41 @@ class Execution:
     pads the image tokens to a multiple of itself; padded tokens are masked keys and are
     dropped before the output, so they never change the result. ``scope(name)`` names a phase
     ("embed", "blocks", "double_block_<i>", "final_layer") for profiler traces.
+    ``checkpoint(fn)`` wraps each double block's call (tensors in, tensors out); a trainer
+    passes a rematerialising wrapper so that a block's activations are recomputed in the
+    backward pass instead of kept.
     """
 
     layout: Layout = keep_layout
     token_multiple: int = 1
     scope: Callable[[str], contextlib.AbstractContextManager] = no_scope
+    checkpoint: Callable[[Callable], Callable] = no_checkpoint
 
 
 # ---- functional pieces -----------------------------------------------------------------------
 
 def condition_order(
-    text_mask: torch.Tensor, byt5_mask: torch.Tensor, vision_states: torch.Tensor | None
+    text_mask: torch.Tensor, byt5_mask: torch.Tensor, vision_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, S) stable order that puts valid condition slots first, and their mask in it.
 
-    Slots as concatenated: [vision (all valid, i2v only), ByT5, LLM]; the masks are bool.
+    Slots as concatenated: [vision (i2v only), ByT5, LLM]; the masks are bool.
     """
     masks = [byt5_mask, text_mask]
-    if vision_states is not None:
-        masks.insert(0, torch.ones_like(vision_states[..., 0], dtype=torch.bool))
+    if vision_mask is not None:
+        masks.insert(0, vision_mask)
     mask = torch.cat(masks, dim=1)
     order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)
     return order, torch.gather(mask, 1, order)
+
+
+def vision_key_mask(vision_states: torch.Tensor | None, vision_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, S3) bool mask of the vision tokens: ``vision_mask`` if given, else all valid (None for t2v)."""
+    if vision_states is None:
+        return None
+    if vision_mask is None:
+        return torch.ones_like(vision_states[..., 0], dtype=torch.bool)
+    return vision_mask.bool()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -377,6 +395,7 @@ class HunyuanVideo15DiT(nn.Module):
         byt5_states: torch.Tensor,
         byt5_mask: torch.Tensor,
         vision_states: torch.Tensor | None,
+        vision_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All condition tokens, valid ones first: (B, S, C) tokens and their (B, S) bool mask.
 
@@ -385,15 +404,19 @@ class HunyuanVideo15DiT(nn.Module):
         Text tokens carry no position, so the order never changes the image output; it puts every
         padded slot at the end, where a key mask is just a key length. t2v has no vision tokens:
         the official model masks its zero vision tokens out, which gives the same image output.
+        ``vision_mask`` (B, S3) marks the samples whose vision tokens count (a training batch
+        mixes t2v and i2v samples); without it every vision token counts.
         """
         text_mask, byt5_mask = text_mask.bool(), byt5_mask.bool()
         type_embedding = self.cond_type_embedding.weight
         llm = self.txt_in(text_states, t, text_mask) + type_embedding[0]
         byt5 = self.byt5_in(byt5_states) + type_embedding[1]
         tokens = [byt5.masked_fill(~byt5_mask[..., None], 0), llm.masked_fill(~text_mask[..., None], 0)]
+        vision_mask = vision_key_mask(vision_states, vision_mask)
         if vision_states is not None:
-            tokens.insert(0, self.vision_in(vision_states) + type_embedding[2])
-        order, mask = condition_order(text_mask, byt5_mask, vision_states)
+            vision = self.vision_in(vision_states) + type_embedding[2]
+            tokens.insert(0, vision.masked_fill(~vision_mask[..., None], 0))
+        order, mask = condition_order(text_mask, byt5_mask, vision_mask)
         tokens = torch.gather(torch.cat(tokens, dim=1), 1, order[..., None].expand(-1, -1, self.config.hidden_size))
         return tokens, mask
 
@@ -408,6 +431,7 @@ class HunyuanVideo15DiT(nn.Module):
         vision_states: torch.Tensor | None = None,
         timestep_r: torch.Tensor | None = None,
         *,
+        vision_mask: torch.Tensor | None = None,
         split: int | None = None,
         streams: Streams | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Streams]:
@@ -416,7 +440,8 @@ class HunyuanVideo15DiT(nn.Module):
         x: (B, 65, T, H, W) = [noisy latents, condition latents, mask]; t: (B,) timesteps in
         0..1000; text_states (B, S1, text_states_dim) with text_mask (B, S1); byt5_states
         (B, S2, byt5_states_dim) with byt5_mask (B, S2); vision_states (B, S3,
-        vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models.
+        vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models;
+        vision_mask (B, S3), where a batch mixes i2v samples (True) and t2v ones (False).
         Returns (B, 32, T, H, W).
 
         The feature cache (``hunyuan_tpu.cache``) cuts the forward at block ``split``. Without
@@ -442,11 +467,13 @@ class HunyuanVideo15DiT(nn.Module):
                 vec = vec + self.time_r_in(timestep_r)
             if streams is None:
                 img = layout(F.pad(self.img_in(x), (0, 0, 0, padding)), "img")
-                txt, txt_mask = self.embed_text(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
+                txt, txt_mask = self.embed_text(
+                    t, text_states, text_mask, byt5_states, byt5_mask, vision_states, vision_mask)
                 txt = layout(txt, "txt")
             else:
                 img, txt = layout(streams[0], "img"), layout(streams[1], "txt")
-                _, txt_mask = condition_order(text_mask.bool(), byt5_mask.bool(), vision_states)
+                vision_mask = vision_key_mask(vision_states, vision_mask)
+                _, txt_mask = condition_order(text_mask.bool(), byt5_mask.bool(), vision_mask)
             cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)
             rope = F.pad(cos, (0, 0, 0, padding), value=1.0), F.pad(sin, (0, 0, 0, padding))
             image_mask = torch.arange(tokens + padding, device=x.device) < tokens
@@ -458,7 +485,8 @@ class HunyuanVideo15DiT(nn.Module):
                 if i == split:
                     saved = img, txt
                 with scope(f"double_block_{i}"):
-                    img, txt = self.double_blocks[i](img, txt, vec, rope, key_mask, layout)
+                    block = functools.partial(self.double_blocks[i], layout=layout)
+                    img, txt = self.execution.checkpoint(block)(img, txt, vec, rope, key_mask)
         with scope("final_layer"):
             velocity = unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
         return (velocity, saved) if split is not None and streams is None else velocity

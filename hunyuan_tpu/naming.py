@@ -136,3 +136,22 @@ def diffusers_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
         else:  # an incomplete triple cannot be fused; leave it for the key check to report
             out.update({n: state_dict[n] for n in parts.values()})
     return out
+
+
+def official_module(diffusers_module: str) -> tuple[str, str] | None:
+    """The official module behind a diffusers module path, and how its output rows map.
+
+    Returns (official path, rows): rows is "all" for a plain rename, "swapped" for the final
+    modulation (diffusers stores [scale, shift]), or "q"/"k"/"v" for the third of the
+    refiner's fused ``self_attn_qkv`` that diffusers keeps as ``attn.to_q`` etc.; None for a
+    module neither side knows. For adapters (LoRA) whose output rows must follow the weight's.
+    """
+    if diffusers_module == _FINAL_MOD[1]:
+        return _FINAL_MOD[0], "swapped"
+    part = _REFINER_QKV_PART.fullmatch(diffusers_module + ".weight")
+    if part:
+        block, which, _ = part.groups()
+        return _REFINER[0].replace("{i}", block) + "self_attn_qkv", which
+    renamed = _rename(diffusers_module + ".weight", _DIFFUSERS_TO_OFFICIAL)
+    return (renamed.removesuffix(".weight"), "all") if renamed else None
+

@@ -16,6 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from torchax import interop
 
+import sharding
 from sharding import MESH_AXES, Strategy
 
 from .config import DiTConfig
@@ -61,6 +62,26 @@ def default_mesh_sizes(strategy: Strategy, device_count: int) -> dict[str, int]:
     return sizes
 
 
+def choose_layout(
+    name: str | None, mesh_spec: str | None, device_count: int, default: str
+) -> tuple[Strategy, dict[str, int]] | None:
+    """The strategy and mesh sizes for ``--sharding NAME --mesh SPEC``, or None for a single
+    device without a mesh. Without a name: the strategy whose axis the mesh splits, else
+    ``default``; without a mesh: every device on the strategy's own axis."""
+    if name is None and mesh_spec is None and device_count == 1:
+        return None
+    sizes = parse_mesh_spec(mesh_spec) if mesh_spec else None
+    if name is None and sizes is None:
+        name = default
+    elif name is None:
+        used = [a for a in ("fsdp", "sp", "tp") if sizes[a] > 1]
+        name = {"fsdp": "fsdp", "sp": "sp", "tp": "tp_fc2_replicated"}[used[0]] if used else "replicated"
+    if name not in sharding.STRATEGIES:
+        raise InputError(f"--sharding {name!r} is not one of {', '.join(sharding.STRATEGIES)}")
+    strategy = sharding.get(name)
+    return strategy, sizes or default_mesh_sizes(strategy, device_count)
+
+
 def param_spec(strategy: Strategy, name: str) -> P:
     for pattern, spec in strategy.params:
         if re.fullmatch(pattern, name):
@@ -82,10 +103,15 @@ def _divides(spec: P, shape: tuple[int, ...], mesh: Mesh) -> str | None:
     return None
 
 
+CFG_BATCH = "CFG batch (guidance_scale <= 1 gives 1 sample)"
+
+
 def check_fit(
-    strategy: Strategy, mesh: Mesh, config: DiTConfig, shapes: Mapping[str, tuple[int, ...]], batch: int
+    strategy: Strategy, mesh: Mesh, config: DiTConfig, shapes: Mapping[str, tuple[int, ...]], batch: int,
+    batch_name: str = CFG_BATCH,
 ) -> None:
-    """Raise an InputError naming the first thing that keeps ``strategy`` from running on ``mesh``."""
+    """Raise an InputError naming the first thing that keeps ``strategy`` from running on ``mesh``
+    for a ``batch`` of samples (``batch_name`` says which batch, for the message)."""
     unused = [f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1 and a not in strategy.axes]
     if unused:
         raise InputError(
@@ -100,8 +126,8 @@ def check_fit(
         )
     if batch % mesh.shape["dp"]:
         raise InputError(
-            f"--mesh dp={mesh.shape['dp']} splits the CFG batch, which has {batch} sample(s) here "
-            "(guidance_scale <= 1 gives 1)"
+            f"--mesh dp={mesh.shape['dp']} splits the batch into equal parts, but the {batch_name} has "
+            f"{batch} sample(s)"
         )
     for name, shape in shapes.items():
         problem = _divides(param_spec(strategy, name), shape, mesh)
@@ -115,13 +141,13 @@ def param_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def sharded_layout(
-    config: DiTConfig, strategy: Strategy, sizes: Mapping[str, int], *, batch: int
+    config: DiTConfig, strategy: Strategy, sizes: Mapping[str, int], *, batch: int, batch_name: str = CFG_BATCH
 ) -> tuple[Mesh, dict[str, NamedSharding]]:
     """A mesh of ``sizes`` over all devices, checked to fit ``strategy`` for ``config`` and a
-    CFG ``batch``, and where each parameter lives on it."""
+    ``batch`` (the CFG pair by default), and where each parameter lives on it."""
     mesh = make_mesh(sizes)
     shapes = param_shapes(config)
-    check_fit(strategy, mesh, config, shapes, batch)
+    check_fit(strategy, mesh, config, shapes, batch, batch_name)
     return mesh, param_shardings(strategy, mesh, shapes)
 
 

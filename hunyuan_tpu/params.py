@@ -85,3 +85,13 @@ def checkpoint_params(
             except Exception as e:
                 raise CheckpointError(f"{file_of[name]}: cannot read tensor {name} (truncated or corrupt?): {e}") from None
         return params
+
+
+def model_params(
+    model: str, config: DiTConfig, dtype: torch.dtype, shardings: Mapping[str, Sharding] | None = None
+) -> JaxParams:
+    """``--model``'s weights: a checkpoint's if ``model`` is a path, else seeded random weights
+    (seed 0, so that a preset name always gives the same model)."""
+    if Path(model).exists():
+        return checkpoint_params(model, config, dtype, shardings)
+    return random_params(config, dtype, seed=0, shardings=shardings)

@@ -263,6 +263,11 @@ class Denoiser:
         self._jitted_cached = jitted(cached=True) if cache is not None else None
         self.compiled = self.compiled_cached = None
 
+    def use_params(self, params: JaxParams) -> None:
+        """Denoise with other weights of the same dtypes and placement (a trainer's validation
+        after each round of updates); the compiled step(s) are reused."""
+        self.params = params
+
     @property
     def num_steps(self) -> int:
         return self.settings.num_inference_steps

@@ -109,6 +109,13 @@ def functional(module: torch.nn.Module) -> Callable[..., Any]:
     return apply
 
 
+def rematerialized(fn: Callable) -> Callable:
+    """An ``Execution.checkpoint`` for training: ``fn`` (torch tensors in and out) runs under
+    ``jax.checkpoint``, so the backward pass recomputes its activations from its inputs
+    instead of keeping them (per double block: only the block's inputs stay alive)."""
+    return interop.gradient_checkpoint(fn)
+
+
 def device_array(t: torch.Tensor, sharding: Sharding | None = None) -> jax.Array:
     """A host tensor on device (placed by ``sharding``) via ``jax.device_put``, which compiles nothing."""
     return jax.device_put(to_host_array(t), sharding)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .config import DiTConfig
@@ -70,3 +71,48 @@ def stage1_embeddings(
         out["vision_states"] = torch.randn(1, vision_len, cfg.vision_states_dim, generator=g)
         out["image_cond_latents"] = torch.randn(1, cfg.in_channels, 1, *latent_hw, generator=g)
     return out
+
+
+def training_samples(
+    cfg: DiTConfig,
+    *,
+    count: int,
+    latent: tuple[int, int, int] = (3, 4, 6),
+    text_len: int = 16,
+    byt5_len: int = 8,
+    vision_len: int = 8,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A synthetic training set at the model's widths, and its "empty prompt" encoding.
+
+    Each sample's latents are a smooth random field (a few plane waves over frame, row and
+    column, unit variance per channel), so there is structure to learn; text and vision
+    states are noise with prefix masks of varying length.
+    """
+    rng = np.random.default_rng(seed)
+    t, h, w = latent
+    grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))  # (3, T, H, W)
+    waves = rng.normal(size=(count, 32, 4, 3)) * 0.6  # per sample and channel, 4 waves' frequencies
+    phases = rng.uniform(0, 2 * np.pi, size=(count, 32, 4))
+    field = np.sin(np.einsum("scka,athw->sckthw", waves, grid) + phases[..., None, None, None]).sum(2)
+    field = (field - field.mean(axis=(2, 3, 4), keepdims=True)) / (field.std(axis=(2, 3, 4), keepdims=True) + 1e-6)
+
+    def masks(length: int, low: int) -> np.ndarray:
+        valid = rng.integers(low, length + 1, size=count)
+        return (np.arange(length)[None] < valid[:, None]).astype(np.int32)
+
+    samples = {
+        "latents": field.astype(np.float32),
+        "prompt_embeds": rng.normal(size=(count, text_len, cfg.text_states_dim)).astype(np.float32),
+        "prompt_mask": masks(text_len, 2),
+        "prompt_embeds_2": rng.normal(size=(count, byt5_len, cfg.byt5_states_dim)).astype(np.float32),
+        "prompt_mask_2": masks(byt5_len, 1),
+        "vision_states": rng.normal(size=(count, vision_len, cfg.vision_states_dim)).astype(np.float32),
+    }
+    empty = {
+        "prompt_embeds": rng.normal(size=(1, text_len, cfg.text_states_dim)).astype(np.float32),
+        "prompt_mask": (np.arange(text_len)[None] < 1).astype(np.int32),
+        "prompt_embeds_2": np.zeros((1, byt5_len, cfg.byt5_states_dim), np.float32),
+        "prompt_mask_2": np.zeros((1, byt5_len), np.int32),
+    }
+    return samples, empty

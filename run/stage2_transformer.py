@@ -25,11 +25,13 @@ from hunyuan_tpu import attention, handoff, parallel
 from hunyuan_tpu.cache import CacheSchedule
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
-from hunyuan_tpu.params import checkpoint_params, random_params
+from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
+from hunyuan_tpu.params import model_params
 from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape,
 )
+from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, resolve, run_main
 
@@ -53,6 +55,9 @@ def add_model_group(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     add_model_flag(model)
     model.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations dtype (default: bfloat16)")
+    model.add_argument("--lora", metavar="FILE", help="LoRA adapter (safetensors, official/PEFT or diffusers names) "
+                       "merged into the weights")
+    model.add_argument("--lora_scale", type=float, metavar="S", help="strength of --lora, times its alpha/r (default: 1.0)")
 
 
 def add_sampling_group(p: argparse.ArgumentParser) -> None:
@@ -140,6 +145,8 @@ GENERAL_DEFAULTS = {
     "seed": (int, 42),
     "warmup_steps": (int, 2),
     "checkpoint_every": (int, 0),
+    "lora": (str, None),
+    "lora_scale": (float, 1.0),
     "sharding": (str, None),
     "mesh": (str, None),
     "attention": (str, "auto"),
@@ -161,29 +168,6 @@ def write_demo_inputs(folder: Path) -> None:
     shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
     handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
     handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
-
-
-def choose_layout(name: str | None, mesh_spec: str | None) -> tuple[sharding.Strategy, dict[str, int]] | None:
-    """(strategy, mesh sizes), or None for a single device without a mesh."""
-    if name is None and mesh_spec is None and jax.device_count() == 1:
-        return None
-    sizes = parallel.parse_mesh_spec(mesh_spec) if mesh_spec else None
-    if name is None and sizes is None:
-        name = "tp_fc2_replicated"
-    elif name is None:  # the strategy that uses the axes the mesh splits
-        used = [a for a in ("fsdp", "sp", "tp") if sizes[a] > 1]
-        name = {"fsdp": "fsdp", "sp": "sp", "tp": "tp_fc2_replicated"}[used[0]] if used else "replicated"
-    if name not in sharding.STRATEGIES:
-        raise InputError(f"sharding {name!r} is not one of {', '.join(sharding.STRATEGIES)}")
-    strategy = sharding.get(name)
-    return strategy, sizes or parallel.default_mesh_sizes(strategy, jax.device_count())
-
-
-def build_params(name: str, config: DiTConfig, dtype: torch.dtype, shardings) -> dict:
-    if Path(name).exists():
-        return checkpoint_params(name, config, dtype, shardings)
-    print(f"model {name}: seeded random weights (no checkpoint)", file=sys.stderr)
-    return random_params(config, dtype, seed=0, shardings=shardings)
 
 
 def fingerprint(settings: dict, embeddings_file: Path) -> str:
@@ -238,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
     embeddings = handoff.read_embeddings(in_dir, task=s["task"], model=config, latent_hw=shape[1:])
     conditions = build_conditions(embeddings, task=s["task"], shape=shape, cfg=settings.cfg)
-    layout = choose_layout(s["sharding"], s["mesh"])
+    layout = parallel.choose_layout(s["sharding"], s["mesh"], jax.device_count(), default="tp_fc2_replicated")
     mesh = strategy = shardings = None
     if layout is not None:
         strategy, sizes = layout
@@ -246,11 +230,26 @@ def run(args: argparse.Namespace) -> int:
         s["sharding"], s["mesh"] = strategy.name, ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1"
 
     try:
-        kernel = attention.kernel(s["attention"], block_q=s["splash_block_q"], block_kv=s["splash_block_kv"])
+        kernel = attention.kernel(s["attention"], dtype=jax_dtype(dtype), block_q=s["splash_block_q"],
+                                  block_kv=s["splash_block_kv"])
     except ValueError as e:
         raise InputError(str(e)) from None
     if args.profiler_steps < 1:
         raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+
+    # weights before the output folder: a bad checkpoint or adapter leaves nothing behind
+    adapter = None
+    if s["lora"]:
+        adapter = load_adapter(s["lora"])
+        check_adapter(adapter, config, s["lora"])
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not Path(s["model"]).exists():
+        print(f"model {s['model']}: seeded random weights (no checkpoint)", file=sys.stderr)
+    params = model_params(s["model"], config, dtype, shardings)
+    if adapter is not None:
+        params = merge_adapter(params, adapter, s["lora_scale"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -266,10 +265,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume:
         print(f"no {checkpoint_path.name} in {out_dir}: starting from step 0", file=sys.stderr)
 
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    params = build_params(s["model"], config, dtype, shardings)
     denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy, attention=kernel,
                         cache=cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))

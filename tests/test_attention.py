@@ -40,11 +40,27 @@ def test_splash_matches_xla_with_padding(batch, heads, q_len, kv_len, dim, block
 def test_backend_choice():
     assert attention.kernel("auto", platform="cpu") is attention.xla_attention
     assert attention.kernel("auto", platform="gpu") is attention.cudnn_attention
+    assert attention.kernel("auto", platform="gpu", dtype=jnp.float32) is attention.xla_attention
+    with pytest.raises(ValueError, match="--attention cudnn needs bfloat16 or float16"):
+        attention.kernel("cudnn", platform="gpu", dtype=jnp.float32)
     assert attention.kernel("xla", platform="tpu") is attention.xla_attention
     with pytest.raises(ValueError, match="--attention cudnn needs a GPU"):
         attention.kernel("cudnn", platform="cpu")
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attention.kernel("flash", platform="cpu")
+
+
+def test_cudnn_call_with_any_key_mask_matches_xla():
+    """The cuDNN path's call (keys sorted valid-first, the mask as key lengths) through XLA's
+    implementation of the same API: equal to the reference for masks that are not a prefix."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 90, 16)), jnp.float32) for _ in range(3))
+    mask = np.ones((2, 1, 1, 90), bool)
+    mask[0, ..., 60:70] = False  # image-token padding in the middle, as sequence parallelism makes
+    mask[1, ..., 80:] = False
+    expected = attention.xla_attention(q, k, v, jnp.asarray(mask), 0.25)
+    got = attention.cudnn_attention(q, k, v, jnp.asarray(mask), 0.25, implementation="xla")
+    assert rel_l2(got, expected) <= 1e-5
 
 
 def _denoise(kernel, strategy=None, mesh_spec=None):

@@ -114,7 +114,8 @@ def test_cached_step_computes_only_the_kept_blocks():
     assert flops(denoiser.compiled_cached) < 0.5 * flops(denoiser.compiled)
 
 
-@pytest.mark.parametrize("strategy,mesh_spec", [("tp", "tp=8"), ("sp", "sp=8"), ("fsdp", "dp=2,fsdp=4")])
+@pytest.mark.parametrize("strategy,mesh_spec", [("tp", "tp=8"), ("tp_fc2_replicated", "tp=8"), ("sp", "sp=8"),
+                                               ("fsdp", "dp=2,fsdp=4")])
 def test_cache_on_a_mesh_matches_one_device(strategy, mesh_spec):
     denoiser, sharded = run(CACHE, strategy, mesh_spec)
     _, single = run(CACHE)

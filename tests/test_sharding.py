@@ -155,7 +155,7 @@ def test_check_fit_explains_what_does_not_fit():
     with pytest.raises(InputError, match="4 heads over 8 devices"):
         parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("tp=8")), four_heads,
                            parallel.param_shapes(four_heads), batch=2)
-    with pytest.raises(InputError, match="dp=2 splits the CFG batch, which has 1"):
+    with pytest.raises(InputError, match=r"dp=2 splits the batch into equal parts, but the CFG batch .* has 1 sample"):
         parallel.check_fit(sharding.get("tp"), parallel.make_mesh(parallel.parse_mesh_spec("dp=2,tp=4")), cfg,
                            shapes, batch=1)
 

@@ -220,6 +220,7 @@ BAD_INPUTS = {
     "resolution": (lambda f: None, ["--width", 100], "--width 100 must be a positive multiple of 16"),
     "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not a valid int"),
     "unknown model": (lambda f: None, ["--model", "nonexistent"], "--model nonexistent: no such checkpoint"),
+    "missing lora": (lambda f: None, ["--lora", "/nonexistent/adapter.safetensors"], "adapter.safetensors: no such file"),
     "cache order": (lambda f: None, ["--enable_cache", "--cache_start_step", 30, "--cache_end_step", 20],
                     "--cache_start_step 30 is after --cache_end_step 20"),
     "cache interval": (lambda f: None, ["--enable_cache", "--cache_step_interval", 0], "--cache_step_interval 0 must be >= 1"),

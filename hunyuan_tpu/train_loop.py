@@ -1,0 +1,306 @@
+"""A training run: data in order, one compiled step per update, checkpoints, validation, logs.
+
+    <output>/metrics.jsonl        one line per update: step, loss, grad_norm, lr, seconds
+    <output>/loss_curve.png       the loss per update and its running mean
+    <output>/checkpoints/         see ``training_checkpoint``; ``resume`` continues from the newest
+    <output>/validation/          step_<n>.safetensors: latents sampled with the weights at update n
+    <output>/final/               full: diffusion_pytorch_model.safetensors + config.json (a
+                                  --model for stage 2); LoRA: pytorch_lora_weights.safetensors
+                                  (official trainer's name and format; stage 2 --lora)
+    <output>/run.json             the settings and what the run measured
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from sharding import Strategy
+
+from . import lora as lora_lib
+from . import parallel, pipeline
+from . import training_checkpoint as ckpt
+from .attention import Kernel, xla_attention
+from .checkpoint import save_transformer
+from .config import DiTConfig
+from .dataset import DataOrder, TrainingData
+from .files import InputError, atomic_path, read_safetensors, save_safetensors, write_json
+from .model import HunyuanVideo15DiT
+from .objective import Objective
+from .params import meta_model, model_params
+from .runtime import JaxParams, jax_dtype
+from .training import OptimizerSettings, Trainer, TrainState, step_key
+
+METRICS = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    data: Path
+    output_dir: Path
+    model: str = "tiny"
+    dtype: torch.dtype = torch.bfloat16
+    objective: Objective = Objective()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    lora: lora_lib.LoRASpec | None = None
+    batch_size: int = 1
+    accumulation: int = 1
+    remat: bool = True
+    seed: int = 42
+    layout: tuple[Strategy, dict[str, int]] | None = None
+    attention: Kernel = xla_attention
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = False
+    validate_every: int = 0
+    validation_steps: int = 8
+    validation_guidance: float = 6.0
+    progress: bool = True
+
+    def fingerprint(self, data: TrainingData) -> str:
+        """What fixes the run's trajectory; a resume with anything else different is refused.
+        Placement (mesh, strategy, remat, kernel) is not in it: a run may resume on other chips."""
+        fixed = {
+            "model": self.model, "dtype": str(self.dtype), "objective": dataclasses.asdict(self.objective),
+            "optimizer": dataclasses.asdict(self.optimizer),
+            "lora": dataclasses.asdict(self.lora) if self.lora else None,
+            "batch_size": self.batch_size, "accumulation": self.accumulation, "seed": self.seed,
+            "data": {"shards": data.shards, "shapes": data.shapes},
+        }
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Summary:
+    steps_run: int
+    first_step: int
+    final_loss: float
+    compile_s: float
+    mean_step_s: float
+    total_s: float
+    final: Path
+
+
+class Validation:
+    """Samples a short clip from the first training sample's text with the current weights.
+
+    The denoiser is built at the first call and then reused with new weights, so it compiles
+    once per run. The negative prompt is the dataset's empty prompt; without one, no CFG.
+    """
+
+    def __init__(self, settings: RunSettings, config: DiTConfig, data: TrainingData, mesh: Mesh | None):
+        self.settings, self.config, self.data, self.mesh = settings, config, data, mesh
+        self.denoiser: pipeline.Denoiser | None = None
+        self.noise = pipeline.initial_noise(settings.seed, data.latent_shape[1:])
+
+    def __call__(self, params: JaxParams, step: int, folder: Path, writer: bool) -> None:
+        s = self.settings
+        if self.denoiser is None:
+            sample = self.data.read(np.array([0]))
+            empty = self.data.empty_prompt()
+            guidance = s.validation_guidance if empty is not None else 1.0
+            embeddings = {k: sample[k] for k in ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")}
+            for k in list(embeddings):
+                embeddings["negative_" + k] = empty[k] if empty is not None else embeddings[k]
+            shape = self.data.latent_shape[1:]
+            sampling = dataclasses.replace(pipeline.default_sampling(self.config),
+                                           num_inference_steps=s.validation_steps, guidance_scale=guidance)
+            conditions = pipeline.build_conditions(embeddings, task="t2v", shape=shape, cfg=sampling.cfg)
+            self.denoiser = pipeline.Denoiser(self.config, params, conditions, sampling, mesh=self.mesh,
+                                              strategy=s.layout[0] if s.layout else None, attention=s.attention)
+        self.denoiser.use_params(params)
+        latents = pipeline.denoise(self.denoiser, self.noise, progress=False).latents
+        if writer:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_safetensors({"latents": torch.from_numpy(np.array(latents))}, folder / f"step_{step:06d}.safetensors",
+                             metadata={"step": str(step)})
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> None:
+    """Loss per update (thin) and its running mean over ~5% of the run."""
+    import matplotlib  # imported here: a second or so, only when there is a curve to draw
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    window = max(1, len(loss) // 20)
+    mean = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
+    ax.plot(steps[window - 1:], mean, lw=2, label=f"mean of {window}")
+    ax.set(xlabel="update", ylabel="flow-matching loss (MSE)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def _write_trainable(spec: lora_lib.LoRASpec | None, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's trained tensors: an adapter in the official trainer's format, or the weights."""
+    if spec is not None:
+        lora_lib.save_adapter(path, tensors, spec)
+    else:
+        save_safetensors(tensors, path)
+
+
+def _write_final(settings: RunSettings, config: DiTConfig, trainable: dict[str, np.ndarray], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in trainable.items()}
+    if settings.lora is not None:
+        return lora_lib.save_adapter(folder / LORA_WEIGHTS, tensors, settings.lora)
+    with torch.device("meta"):
+        model = HunyuanVideo15DiT(config)
+    model.load_state_dict({k: t.to(settings.dtype) for k, t in tensors.items()}, assign=True)
+    return save_transformer(model, folder)
+
+
+def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] = print) -> Summary:
+    """Run (or resume) the training described by ``settings`` for ``config``."""
+    started = time.perf_counter()
+    s = settings
+    writer = jax.process_index() == 0
+    data = TrainingData(s.data, config)
+    order = DataOrder(data.num_samples, s.batch_size * s.accumulation, s.seed)
+    if s.objective.text_dropout > 0 and data.empty_prompt() is None:
+        raise InputError(f"--text_dropout {s.objective.text_dropout} needs {s.data}/empty_prompt.safetensors "
+                         "(the stage-1 encoding of the empty prompt)")
+    mesh = strategy = None
+    if s.layout is not None:
+        strategy, sizes = s.layout
+        mesh = parallel.make_mesh(sizes)
+    trainer = Trainer(config, s.objective, s.optimizer, compute_dtype=jax_dtype(s.dtype), lora=s.lora, mesh=mesh,
+                      strategy=strategy, remat=s.remat, micro_batch=s.batch_size, accumulation=s.accumulation,
+                      attention=s.attention)
+    if not Path(s.model).exists():
+        log(f"model {s.model}: seeded random weights (no checkpoint)")
+    base_dtype = torch.float32 if s.lora is None else s.dtype
+    base = model_params(s.model, config, base_dtype, trainer.base_shardings)
+    if s.lora is None:
+        trainable, frozen = base, {}
+    else:
+        trainable = {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(config), s.lora, s.seed).items()}
+        frozen = base
+    state = trainer.init_state(trainable)
+    del trainable, base
+
+    out = Path(s.output_dir)
+    checkpoints = out / "checkpoints"
+    fingerprint = s.fingerprint(data)
+    step, position = 0, 0
+    found = ckpt.latest(checkpoints)
+    if found is not None and not s.resume:
+        raise InputError(f"{found}: a checkpoint of an earlier run; pass --resume to continue it, or choose "
+                         "another --output_dir")
+    if found is not None:
+        saved = ckpt.read_position(found)
+        if saved.fingerprint != fingerprint:
+            raise InputError(f"{found}: saved by a run with other settings or data; drop --resume or use "
+                             "another --output_dir")
+        params, opt_state = ckpt.restore(found, state.trainable, state.opt_state,
+                                         lambda p: read_safetensors(p, torch.float32)[0])
+        state = TrainState(params, opt_state)
+        step, position = saved.step, saved.data_position
+        log(f"resuming at update {step} of {s.optimizer.total_steps} from {found}")
+    elif s.resume:
+        log(f"no checkpoint in {checkpoints}: starting from update 0")
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / METRICS
+    rows = _read_metrics(metrics_path, step) if step else []
+    if writer:  # a resumed run drops what the interrupted one logged after its last checkpoint
+        tmp = metrics_path.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(metrics_path)
+
+    replicated = NamedSharding(mesh, P()) if mesh is not None else None
+    empty = data.empty_prompt()
+    empty = jax.device_put(empty, replicated) if empty is not None and s.objective.text_dropout > 0 else None
+    first = step
+    batch = trainer.place_batch(data.read(order.indices(position)))
+    compile_begin = time.perf_counter()
+    trainer.compile(state, frozen, batch, empty)
+    compile_s = time.perf_counter() - compile_begin
+    validation = Validation(s, config, data, mesh)
+    write_trainable = functools.partial(_write_trainable, s.lora)
+    seconds = []
+    title = f"{'LoRA' if s.lora else 'full'} training of {Path(s.model).name}, {s.optimizer.name}"
+    bar = tqdm(total=s.optimizer.total_steps, initial=step, desc="train", unit="update",
+               disable=not (writer and s.progress))
+    with bar, open(metrics_path, "a") if writer else open("/dev/null", "w") as metrics_file:
+        while step < s.optimizer.total_steps:
+            begin = time.perf_counter()
+            state, metrics = trainer.step(state, frozen, batch, empty, step_key(s.seed, step))
+            if step + 1 < s.optimizer.total_steps:  # read the next batch while the step runs
+                batch = trainer.place_batch(data.read(order.indices(position + 1)))
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            seconds.append(time.perf_counter() - begin)
+            if not math.isfinite(loss):
+                last = ckpt.latest(checkpoints)
+                kept = f"The last checkpoint, {last}, is intact." if last else "No checkpoint was written."
+                raise InputError(f"update {step + 1}: the loss is {loss}; stopping. {kept} Check the data for "
+                                 "extreme values or lower --learning_rate.")
+            step, position = step + 1, position + 1
+            row = {"step": step, "loss": loss, "grad_norm": grad_norm,
+                   "lr": float(trainer.schedule(step - 1)), "seconds": round(seconds[-1], 4)}
+            rows.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", s_per_update=f"{seconds[-1]:.3f}")
+            bar.update()
+            if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.optimizer.total_steps:
+                ckpt.save(checkpoints, ckpt.RunPosition(step, position, s.seed, fingerprint), state.trainable,
+                          state.opt_state, write_trainable=write_trainable, keep=s.keep_checkpoints, writer=writer)
+                if writer:
+                    plot_loss(rows, out / LOSS_CURVE, title)
+            if s.validate_every and (step % s.validate_every == 0 or step == s.optimizer.total_steps):
+                validation(trainer.inference_params(state, frozen), step, out / "validation", writer)
+
+    trainable_host = {k: ckpt.host_array(v) for k, v in state.trainable.items()}
+    final = out / "final"
+    if writer:
+        final = _write_final(s, config, trainable_host, final)
+        if rows:
+            plot_loss(rows, out / LOSS_CURVE, title)
+    summary = Summary(
+        steps_run=len(seconds), first_step=first, final_loss=rows[-1]["loss"] if rows else float("nan"),
+        compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
+        total_s=time.perf_counter() - started, final=final,
+    )
+    if writer:
+        write_json(out / "run.json", {
+            "settings": {"data": str(s.data), "model": s.model, "dtype": str(s.dtype).removeprefix("torch."),
+                         "objective": dataclasses.asdict(s.objective), "optimizer": dataclasses.asdict(s.optimizer),
+                         "lora": dataclasses.asdict(s.lora) if s.lora else None, "batch_size": s.batch_size,
+                         "gradient_accumulation_steps": s.accumulation, "gradient_checkpointing": s.remat,
+                         "seed": s.seed, "sharding": s.layout[0].name if s.layout else None,
+                         "mesh": s.layout[1] if s.layout else None},
+            "summary": {**dataclasses.asdict(summary), "final": str(summary.final),
+                        "devices": {"count": jax.device_count(), "platform": jax.devices()[0].platform}},
+        })
+    return summary

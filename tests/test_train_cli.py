@@ -1,0 +1,167 @@
+"""Training runs end to end: resume after kill -9 (run/train.py in subprocesses), the NaN stop,
+bad input, and a trained LoRA file driving stage 2."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hunyuan_tpu import train_loop
+from hunyuan_tpu.checkpoint import save_transformer
+from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.dataset import DataOrder, write_dataset
+from hunyuan_tpu.files import InputError
+from hunyuan_tpu.lora import LoRASpec
+from hunyuan_tpu.metrics import rel_l2
+from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.random_init import randomize_like_trained_
+from hunyuan_tpu.synthetic import training_samples
+from hunyuan_tpu.train_loop import RunSettings
+from hunyuan_tpu.training import OptimizerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "run" / "train.py"
+STAGE2 = ROOT / "run" / "stage2_transformer.py"
+CFG = DiTConfig.preset("tiny")
+ONE_BLOCK = dataclasses.replace(CFG, mm_double_blocks_depth=1)
+# Small and fast: AdamW (Muon's update compiles slower on CPU), float32, 2 samples per update.
+BASE = ["--dtype", "float32", "--optimizer", "adamw", "--learning_rate", "1e-3", "--batch_size", "2",
+        "--no-gradient_checkpointing"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """One persistent compilation cache for this module's runs: the same step compiles once."""
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return e
+
+
+@pytest.fixture(scope="module")
+def one_block(tmp_path_factory) -> Path:
+    """A one-block checkpoint (config.json beside it): the CLI's --model, at half the compile."""
+    model = randomize_like_trained_(HunyuanVideo15DiT(ONE_BLOCK), seed=0)
+    return save_transformer(model, tmp_path_factory.mktemp("model") / "one_block")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    samples, empty = training_samples(CFG, count=8, latent=(3, 4, 6), seed=3)
+    return write_dataset(tmp_path_factory.mktemp("data"), samples, shard_size=4, empty_prompt=empty)
+
+
+def train(env, *args, check=True, script=TRAIN):
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_then_resume_is_bit_identical(env, data, one_block, tmp_path):
+    args = [*BASE, "--model", one_block, "--data", data, "--max_steps", 24, "--checkpoint_every", 4,
+            "--text_dropout", 0.3]
+    train(env, *args, "--output_dir", tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *map(str, args), "--output_dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_000008").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    assert len(metrics(killed)) >= 8
+    resumed = train(env, *args, "--output_dir", killed, "--resume")
+    assert "resuming at update" in resumed.stderr
+
+    curve = lambda folder: [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(folder)]  # noqa: E731
+    assert curve(killed) == curve(tmp_path / "whole") and len(curve(killed)) == 24
+    whole = load_file(str(tmp_path / "whole" / "final" / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(killed / "final" / "diffusion_pytorch_model.safetensors"))
+    assert whole.keys() == again.keys() and all(np.array_equal(whole[k].numpy(), again[k].numpy()) for k in whole)
+    assert (killed / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
+    samples, _ = training_samples(CFG, count=8, latent=(3, 4, 6), seed=3)
+    extreme = DataOrder(8, 2, seed=0).indices(2)[0]  # drawn first by the third update
+    samples["latents"][extreme] *= 1e30  # finite, but its loss overflows
+    folder = write_dataset(tmp_path / "data", samples)
+    out = tmp_path / "run"
+    settings = RunSettings(data=folder, output_dir=out, dtype=torch.float32, batch_size=2, remat=False, seed=0,
+                           optimizer=OptimizerSettings(name="adamw", total_steps=40), checkpoint_every=1)
+    with pytest.raises(InputError, match=r"update 3: the loss is inf; stopping. The last checkpoint, .*step_000002, "
+                                         r"is intact"):
+        train_loop.train(settings, ONE_BLOCK, log=lambda m: None)
+    last = json.loads((out / "checkpoints" / "latest").read_text())
+    assert last["step"] == 2
+    state = json.loads((out / "checkpoints" / last["checkpoint"] / "state.json").read_text())
+    assert state["step"] == 2 and state["data_position"] == 2
+    saved = load_file(str(out / "checkpoints" / last["checkpoint"] / "trainable.safetensors"))
+    assert all(np.isfinite(t.numpy()).all() for t in saved.values())
+    assert not (out / "final").exists()
+    with pytest.raises(InputError, match="a checkpoint of an earlier run; pass --resume to continue it"):
+        train_loop.train(settings, ONE_BLOCK, log=lambda m: None)
+
+
+def test_bad_input_is_one_line(env, data, one_block, tmp_path):
+    cases = [
+        (["--data", tmp_path / "none"], "no such dataset folder"),
+        (["--data", data, "--lora", "--lora_targets", "nothing_matches"], "matches no linear layer"),
+        (["--data", data, "--i2v_prob", "2"], "--i2v_prob 2.0 must be between 0 and 1"),
+    ]
+    for extra, message in cases:
+        proc = train(env, *BASE, "--model", one_block, *extra, "--output_dir", tmp_path / "out", "--max_steps", 1,
+                     check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_file_drives_stage2(env, data, tmp_path):
+    """A trained adapter file (the official trainer's format) changes stage 2's result exactly
+    as merging it into the weights by hand does."""
+    settings = RunSettings(data=data, output_dir=tmp_path / "lora_run", dtype=torch.float32, batch_size=2,
+                           lora=LoRASpec(rank=4), optimizer=OptimizerSettings(learning_rate=5e-2, total_steps=4))
+    adapter = train_loop.train(settings, CFG, log=lambda m: None).final
+    assert adapter.name == "pytorch_lora_weights.safetensors"
+    tensors = load_file(str(adapter))
+    assert tensors and all(k.startswith("double_blocks.") and ".lora_" in k for k in tensors)
+    assert tensors["double_blocks.0.img_attn_q.lora_B.weight"].abs().max() > 0  # trained away from B = 0
+
+    demo = tmp_path / "with_lora"
+    train(env, "--demo", "--output_dir", demo, "--lora", adapter, "--num_inference_steps", 3, "--dtype", "float32",
+          script=STAGE2)
+    with_lora = load_file(str(demo / "latents.safetensors"))["latents"].numpy()
+    record = json.loads((demo / "config.json").read_text())["stage2"]
+    assert record["lora"] == str(adapter) and record["lora_scale"] == 1.0
+
+    model = randomize_like_trained_(HunyuanVideo15DiT(CFG), seed=0)  # what --model tiny builds
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." in key:
+                module = key.removesuffix(".lora_A.weight")
+                state[module + ".weight"] += (16.0 / 4) * tensors[module + ".lora_B.weight"] @ a
+    model.load_state_dict(state)
+    merged = save_transformer(model, tmp_path / "merged.safetensors")
+    train(env, "--input_dir", demo, "--output_dir", tmp_path / "by_hand", "--model", merged,
+          "--num_inference_steps", 3, "--dtype", "float32", script=STAGE2)
+    by_hand = load_file(str(tmp_path / "by_hand" / "latents.safetensors"))["latents"].numpy()
+    assert rel_l2(with_lora, by_hand) <= 1e-5
