@@ -132,9 +132,8 @@ def abstract_params(cfg: DiTConfig, shardings) -> dict:
 
 
 def adapter_shapes(cfg: DiTConfig, spec: lora_lib.LoRASpec) -> dict:
-    layers = lora_lib.linear_layers(meta_model(cfg), spec.pattern)
-    return {f"{m}.lora_{p}.weight": jax.ShapeDtypeStruct((spec.rank, i) if p == "A" else (o, spec.rank), jnp.float32)
-            for m, (o, i) in layers.items() for p in "AB"}
+    return {name: jax.ShapeDtypeStruct(shape, jnp.float32)
+            for name, shape in lora_lib.adapter_shapes(meta_model(cfg), spec).items()}
 
 
 def device_bytes(tree, itemsize: int | None = None) -> float:

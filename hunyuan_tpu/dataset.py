@@ -29,14 +29,14 @@ from safetensors import safe_open
 
 from .config import DiTConfig
 from .files import InputError, read_json, read_safetensors, save_safetensors, write_json
+from .handoff import TEXT_KEYS
+from .pipeline import LATENT_CHANNELS
 
 FORMAT = "hunyuan-tpu-training/1"
 MANIFEST = "dataset.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
 REQUIRED = ("latents",) + TEXT_KEYS
 OPTIONAL = ("vision_states",)
-LATENT_CHANNELS = 32
 
 
 class DataError(InputError):
@@ -137,16 +137,14 @@ class TrainingData:
                     except Exception as e:
                         raise DataError(f"{path}: cannot read shard: {e}") from None
                 row = int(index - self._offsets[shard])
+                path = self.folder / self.shards[shard][0]
                 for key in self.keys:
                     try:
-                        value = handles[shard].get_slice(key)[row:row + 1]
+                        value = _numpy(key, handles[shard].get_slice(key)[row:row + 1])
                     except Exception as e:
-                        raise DataError(f"{self.folder / self.shards[shard][0]}: cannot read {key}[{row}]: {e}") \
-                            from None
-                    value = _numpy(key, value)
+                        raise DataError(f"{path}: cannot read {key}[{row}]: {e}") from None
                     if not np.isfinite(value).all():
-                        raise DataError(f"{self.folder / self.shards[shard][0]}: sample {row} has non-finite "
-                                        f"values (NaN or inf) in {key}")
+                        raise DataError(f"{path}: sample {row} has non-finite values (NaN or inf) in {key}")
                     out[key].append(value)
         return {k: np.concatenate(v) for k, v in out.items()}
 

@@ -104,18 +104,33 @@ def with_lora(model: nn.Module, ranks: Mapping[str, int], scale: float) -> nn.Mo
     return model
 
 
-def init_adapter(model: nn.Module, spec: LoRASpec, seed: int) -> dict[str, torch.Tensor]:
-    """PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt 5), B = 0,
-    so the adapted model starts equal to the base model. float32, official names."""
+def target_layers(model: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, int]]:
+    """The layers ``spec`` adapts: name -> (out, in); at least one."""
     layers = linear_layers(model, spec.pattern)
     if not layers:
         raise LoRAError(f"--lora_targets {spec.targets!r} matches no linear layer of the model")
+    return layers
+
+
+def adapter_shapes(model: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, int]]:
+    """Official names and shapes of the adapter: A (r, in) and B (out, r) per target layer."""
+    shapes = {}
+    for name, (out_features, in_features) in target_layers(model, spec).items():
+        shapes[f"{name}.lora_A.weight"] = (spec.rank, in_features)
+        shapes[f"{name}.lora_B.weight"] = (out_features, spec.rank)
+    return shapes
+
+
+def init_adapter(model: nn.Module, spec: LoRASpec, seed: int) -> dict[str, torch.Tensor]:
+    """PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt 5), B = 0,
+    so the adapted model starts equal to the base model. float32, official names."""
     gen = torch.Generator().manual_seed(seed)
     weights = {}
-    for name, (out_features, in_features) in layers.items():
-        bound = 1.0 / math.sqrt(in_features)
-        weights[f"{name}.lora_A.weight"] = (torch.rand(spec.rank, in_features, generator=gen) * 2 - 1) * bound
-        weights[f"{name}.lora_B.weight"] = torch.zeros(out_features, spec.rank)
+    for name, shape in adapter_shapes(model, spec).items():
+        if ".lora_A." in name:
+            weights[name] = (torch.rand(shape, generator=gen) * 2 - 1) * (1.0 / math.sqrt(shape[1]))
+        else:
+            weights[name] = torch.zeros(shape)
     return weights
 
 

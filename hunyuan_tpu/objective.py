@@ -17,9 +17,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .handoff import TEXT_KEYS
+
 T_EPS = 1e-5
 SAMPLINGS = ("lognorm", "uniform")
-TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .checkpoint import save_transformer
 from .config import DiTConfig
 from .dataset import DataOrder, TrainingData
 from .files import InputError, atomic_path, read_safetensors, save_safetensors, write_json
+from .handoff import TEXT_KEYS
 from .model import HunyuanVideo15DiT
 from .objective import Objective
 from .params import meta_model, model_params
@@ -114,7 +115,7 @@ class Validation:
             sample = self.data.read(np.array([0]))
             empty = self.data.empty_prompt()
             guidance = s.validation_guidance if empty is not None else 1.0
-            embeddings = {k: sample[k] for k in ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")}
+            embeddings = {k: sample[k] for k in TEXT_KEYS}
             for k in list(embeddings):
                 embeddings["negative_" + k] = empty[k] if empty is not None else embeddings[k]
             shape = self.data.latent_shape[1:]

@@ -168,7 +168,7 @@ class Trainer:
             raise ValueError("give both mesh and strategy, or neither")
         if micro_batch < 1 or accumulation < 1:
             raise ValueError("--batch_size and --gradient_accumulation_steps must be >= 1")
-        self.config, self.objective, self.settings = config, objective, optimizer
+        self.config, self.objective = config, objective
         self.compute_dtype, self.lora, self.mesh, self.strategy = compute_dtype, lora, mesh, strategy
         self.micro_batch, self.accumulation, self.attention = micro_batch, accumulation, attention
         self.tx = make_optimizer(optimizer)
@@ -182,11 +182,8 @@ class Trainer:
         execution = dataclasses.replace(execution, scope=jax.named_scope,
                                         checkpoint=rematerialized if remat else execution.checkpoint)
         model = meta_model(config, execution)
-        self.lora_layers = lora_lib.linear_layers(model, lora.pattern) if lora is not None else {}
         if lora is not None:
-            if not self.lora_layers:
-                raise lora_lib.LoRAError(f"--lora_targets {lora.targets!r} matches no linear layer of the model")
-            lora_lib.with_lora(model, dict.fromkeys(self.lora_layers, lora.rank), lora.scale)
+            lora_lib.with_lora(model, dict.fromkeys(lora_lib.target_layers(model, lora), lora.rank), lora.scale)
         self.apply = functional(model)
         self._compiled = None
 

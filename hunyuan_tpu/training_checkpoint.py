@@ -129,6 +129,5 @@ def restore(path: Path, trainable: Mapping[str, jax.Array], opt_state: Any,
 
     params = place(read_trainable(path / TRAINABLE), trainable, path / TRAINABLE)
     optimizer, _ = read_safetensors(path / OPTIMIZER)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
-    flat = place(optimizer, {jax.tree_util.keystr(p): leaf for p, leaf in leaves}, path / OPTIMIZER)
-    return params, jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
+    flat = place(optimizer, flatten_state(opt_state), path / OPTIMIZER)  # in the tree's leaf order
+    return params, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), list(flat.values()))

@@ -120,10 +120,9 @@ def demo_data(folder: Path) -> Path:
 def settings_from(args: argparse.Namespace) -> tuple[RunSettings, DiTConfig]:
     if args.data is None and not args.demo:
         raise InputError("--data DIR is required (or --demo for a synthetic set)")
-    output = Path(args.output_dir)
-    data = demo_data(output / "demo_data") if args.demo and args.data is None else Path(args.data)
     model = pick(args, "model", "tiny")
     config = model_config(model)
+    dtype = dtype_of("--dtype", pick(args, "dtype", "bfloat16"))
     for flag in ("batch_size", "max_steps", "validation_steps", "keep_checkpoints", "gradient_accumulation_steps"):
         if pick(args, flag, 1) < 1:
             raise InputError(f"--{flag} must be >= 1")
@@ -138,12 +137,14 @@ def settings_from(args: argparse.Namespace) -> tuple[RunSettings, DiTConfig]:
             schedule=args.lr_schedule, warmup_steps=pick(args, "warmup_steps", 0),
             total_steps=pick(args, "max_steps", 1000), max_grad_norm=args.max_grad_norm)
         lora = LoRASpec(args.lora_rank, args.lora_alpha, args.lora_targets) if args.lora else None
-        kernel = attention.kernel(args.attention, dtype=jax_dtype(dtype_of("--dtype", pick(args, "dtype", "bfloat16"))))
+        kernel = attention.kernel(args.attention, dtype=jax_dtype(dtype))
     except ValueError as e:
         raise InputError(str(e)) from None
     layout = parallel.choose_layout(args.sharding, args.mesh, jax.device_count(), default="fsdp")
+    output = Path(args.output_dir)  # the demo's data is written only once every flag is known good
+    data = demo_data(output / "demo_data") if args.demo and args.data is None else Path(args.data)
     return RunSettings(
-        data=data, output_dir=output, model=model, dtype=dtype_of("--dtype", pick(args, "dtype", "bfloat16")),
+        data=data, output_dir=output, model=model, dtype=dtype,
         objective=objective, optimizer=optimizer, lora=lora, batch_size=pick(args, "batch_size", 1),
         accumulation=args.gradient_accumulation_steps, remat=args.gradient_checkpointing, seed=args.seed,
         layout=layout, attention=kernel, checkpoint_every=pick(args, "checkpoint_every", 0),

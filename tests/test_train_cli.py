@@ -125,6 +125,7 @@ def test_bad_input_is_one_line(env, data, one_block, tmp_path):
         (["--data", tmp_path / "none"], "no such dataset folder"),
         (["--data", data, "--lora", "--lora_targets", "nothing_matches"], "matches no linear layer"),
         (["--data", data, "--i2v_prob", "2"], "--i2v_prob 2.0 must be between 0 and 1"),
+        (["--demo", "--batch_size", "0"], "--batch_size must be >= 1"),  # before the demo writes its data
     ]
     for extra, message in cases:
         proc = train(env, *BASE, "--model", one_block, *extra, "--output_dir", tmp_path / "out", "--max_steps", 1,
