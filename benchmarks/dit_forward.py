@@ -82,7 +82,7 @@ def timed(fn, runs: int, warmup: int, sync) -> list[float]:
     return times
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--frames", type=int, nargs="+", default=[9, 33], help="video frames, 4k+1 each")
@@ -97,8 +97,48 @@ def main() -> None:
     p.add_argument("--valid_text", type=int, default=120, help="valid LLM tokens of them (default: %(default)s)")
     p.add_argument("--byt5_tokens", type=int, default=256)
     p.add_argument("--skip_torch", action="store_true", help="time only the JAX path")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def time_jax(apply, params, inputs: dict, dtype: torch.dtype, kernel, args) -> tuple[list[float], float, float, object]:
+    """(times, peak bytes, compile seconds, output) of the jitted forward."""
+    jax_inputs = {k: device_array(v.to(dtype) if v.is_floating_point() and k != "t" else v) for k, v in inputs.items()}
+    reset_host_peak()
+    begin = time.perf_counter()
+    with tracing(attention=kernel):
+        compiled = apply.lower(params, **jax_inputs).compile()
+    compile_s = time.perf_counter() - begin
+    out = []
+    times = timed(lambda: out.append(compiled(params, **jax_inputs)) or out[-1], args.runs, args.warmup,
+                  jax.block_until_ready)
+    stats = jax.devices()[0].memory_stats() or {}
+    return times, stats.get("peak_bytes_in_use") or host_peak_bytes(), compile_s, out[-1]
+
+
+def time_torch(reference, cfg: DiTConfig, inputs: dict, dtype: torch.dtype, batch: int, args
+               ) -> tuple[list[float], float, torch.Tensor]:
+    """(times, peak bytes, output) of diffusers' eager forward."""
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    x = {k: (v.to(dtype) if v.is_floating_point() and k != "t" else v).to(device) for k, v in inputs.items()}
+    vision = torch.zeros(batch, 16, cfg.vision_states_dim, dtype=dtype, device=device)  # t2v: all zero
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    reset_host_peak()
+    out = []
+
+    @torch.no_grad()
+    def run():
+        out.append(reference(x["x"], x["t"], x["text_states"], x["text_mask"], encoder_hidden_states_2=x["byt5_states"],
+                             encoder_attention_mask_2=x["byt5_mask"], image_embeds=vision, return_dict=False)[0])
+        return out[-1]
+
+    times = timed(run, args.runs, args.warmup, lambda _: torch.cuda.synchronize() if gpu else None)
+    return times, torch.cuda.max_memory_allocated() if gpu else host_peak_bytes(), out[-1]
+
+
+def main() -> None:
+    args = parse_args()
     cfg = DiTConfig.preset(args.preset)
     if cfg.byt5_hidden_dim != 2048:  # diffusers fixes the ByT5 projection's inner width at 2048
         cfg = dataclasses.replace(cfg, byt5_hidden_dim=2048)
@@ -108,16 +148,13 @@ def main() -> None:
         bucket = pipeline.bucket_size(cfg.ideal_resolution, "16:9")
         height, width = args.height or bucket[0], args.width or bucket[1]
     dtype = getattr(torch, args.dtype)
-    gpu = torch.cuda.is_available()
-    device = "cuda" if gpu else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = 2 if args.cfg == "on" else 1
     kernel = attention.kernel(args.attention, dtype=jax_dtype(dtype))
-    jax_device = jax.devices()[0]
     print(f"{args.preset}: {sum(1 for _ in meta_model(cfg).parameters())} tensors, {args.dtype}, batch {batch}, "
           f"t=999, {args.valid_text} of {args.text_tokens} LLM slots valid, {args.byt5_tokens} ByT5 slots; "
-          f"torch {torch.__version__} on {device}, jax {jax.__version__} on {jax_device.device_kind} "
+          f"torch {torch.__version__} on {device}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"({platform.machine()}), attention {args.attention}\n")
-
     reference = diffusers_model(cfg, dtype, device)
     params = {k: device_array(v.to("cpu")) for k, v in diffusers_to_official(reference.state_dict()).items()}
     if args.skip_torch:
@@ -133,51 +170,12 @@ def main() -> None:
         inputs["text_mask"][:] = 0
         inputs["text_mask"][:, : args.valid_text] = 1
         flops = dit_forward_flops(cfg, batch, int(np.prod(shape)), args.text_tokens, args.byt5_tokens)
-        rows = {}
-
-        jax_inputs = {k: device_array(v.to(dtype) if v.is_floating_point() and k != "t" else v)
-                      for k, v in inputs.items()}
-        reset_host_peak()
-        begin = time.perf_counter()
-        with tracing(attention=kernel):
-            compiled = apply.lower(params, **jax_inputs).compile()
-        compile_s = time.perf_counter() - begin
-        out_jax = None
-
-        def run_jax():
-            nonlocal out_jax
-            out_jax = compiled(params, **jax_inputs)
-            return out_jax
-
-        times = timed(run_jax, args.runs, args.warmup, jax.block_until_ready)
-        stats = jax_device.memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use") or host_peak_bytes()
-        rows["torchax jit"] = (times, peak)
-
+        times, peak, compile_s, out_jax = time_jax(apply, params, inputs, dtype, kernel, args)
+        rows = {"torchax jit": (times, peak)}
         if not args.skip_torch:
-            torch_inputs = {k: (v.to(dtype) if v.is_floating_point() and k != "t" else v).to(device)
-                            for k, v in inputs.items()}
-            vision = torch.zeros(batch, 16, cfg.vision_states_dim, dtype=dtype, device=device)  # t2v: all zero
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
-            reset_host_peak()
-            out_torch = None
-
-            def run_torch():
-                nonlocal out_torch
-                with torch.no_grad():
-                    out_torch = reference(
-                        torch_inputs["x"], torch_inputs["t"], torch_inputs["text_states"], torch_inputs["text_mask"],
-                        encoder_hidden_states_2=torch_inputs["byt5_states"],
-                        encoder_attention_mask_2=torch_inputs["byt5_mask"], image_embeds=vision, return_dict=False,
-                    )[0]
-                return out_torch
-
-            times = timed(run_torch, args.runs, args.warmup, lambda _: torch.cuda.synchronize() if gpu else None)
-            peak = torch.cuda.max_memory_allocated() if gpu else host_peak_bytes()
+            times, peak, out_torch = time_torch(reference, cfg, inputs, dtype, batch, args)
             rows["eager torch (diffusers)"] = (times, peak)
             error = rel_l2(np.asarray(out_jax.astype(np.float32)), out_torch.float().cpu())
-
         jax_mean = statistics.mean(rows["torchax jit"][0])
         for name, (times, peak) in rows.items():
             mean = statistics.mean(times)

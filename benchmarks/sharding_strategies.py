@@ -37,7 +37,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import sharding  # noqa: E402
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
 from hunyuan_tpu.params import random_params  # noqa: E402
@@ -66,9 +65,8 @@ def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) ->
     return pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=True)
 
 
-def layout(cfg: DiTConfig, name: str, mesh_spec: str):
-    strategy = sharding.get(name)
-    return strategy, *parallel.sharded_layout(cfg, strategy, parallel.parse_mesh_spec(mesh_spec), batch=2)
+def layout(cfg: DiTConfig, name: str, mesh_spec: str) -> parallel.Placement:
+    return parallel.placement(cfg, name, mesh_spec, batch=2)
 
 
 def collective_line(compiled, scale: float = 1.0) -> tuple[str, float]:
@@ -91,9 +89,9 @@ def measure_cpu(args) -> None:
           "args MiB/device | temp MiB/device |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh_spec in LAYOUTS:
-        strategy, mesh, shardings = layout(cfg, name, mesh_spec)
-        params = random_params(cfg, torch.float32, seed=0, shardings=shardings)
-        denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strategy)
+        placement = layout(cfg, name, mesh_spec)
+        params = random_params(cfg, torch.float32, seed=0, shardings=placement.params)
+        denoiser = pipeline.Denoiser(cfg, params, conditions, settings, placement=placement)
         denoiser.compile((1, 32, *shape))
         result = pipeline.denoise(denoiser, pipeline.initial_noise(0, shape), progress=False)
         memory = denoiser.compiled.memory_analysis()
@@ -125,16 +123,17 @@ def project(args) -> None:
           "ICI GB sent/chip | collectives | compute s | memory s | ICI s | step s (overlapped) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh_spec in LAYOUTS:
-        strategy, mesh, shardings = layout(cfg, name, mesh_spec)
+        placement = layout(cfg, name, mesh_spec)
+        mesh, shardings = placement.mesh, placement.params
         shapes = parallel.param_shapes(cfg)
         abstract_params = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
-        replicated = pipeline.replicated(mesh)
+        replicated = placement.replicated
         abstract_conditions = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
                                for k, v in host.items()}
         latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=replicated)
         begin = time.perf_counter()
         with tracing(mesh, projection.attention_stand_in):
-            compiled = pipeline.step_function(cfg, settings, dtype, mesh=mesh, strategy=strategy).lower(
+            compiled = pipeline.step_function(cfg, settings, dtype, placement=placement).lower(
                 abstract_params, abstract_conditions, latents, 0).compile()
         compile_s = time.perf_counter() - begin
         cost = compiled.cost_analysis()
@@ -148,7 +147,7 @@ def project(args) -> None:
         hbm_moved = cost["bytes accessed"] / 2
         # attention is split by batch over dp and by heads over every other axis: over all chips
         split = mesh.size
-        tokens = math.prod(shape) + -math.prod(shape) % math.prod(mesh.shape[a] for a in strategy.token_axes)
+        tokens = math.prod(shape) + -math.prod(shape) % placement.execution.token_multiple
         attention = (cfg.mm_double_blocks_depth * projection.attention_flops(2, cfg.heads_num, tokens + text,
                                                                              tokens + text, cfg.head_dim)
                      + cfg.refiner_depth * projection.attention_flops(2, cfg.heads_num, args.text_tokens,

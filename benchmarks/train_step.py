@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import sharding  # noqa: E402
+from sharding import IMG, TXT  # noqa: E402
 from hunyuan_tpu import lora as lora_lib  # noqa: E402
 from hunyuan_tpu import objective as obj  # noqa: E402
 from hunyuan_tpu import parallel, pipeline, projection  # noqa: E402
@@ -106,12 +106,11 @@ def measure_cpu(args) -> None:
 def compile_one_block(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh_spec: str, shape, text: int,
                       byt5: int) -> tuple[Trainer, object, float]:
     """The training step of a one-block ``cfg`` compiled on the mesh with abstract shapes."""
-    strategy = sharding.get(name)
-    mesh = parallel.make_mesh(parallel.parse_mesh_spec(mesh_spec))
     spec = lora_lib.LoRASpec() if kind == "lora" else None
     one = dataclasses.replace(cfg, mm_double_blocks_depth=1)
+    placement = parallel.placement(one, name, mesh_spec, batch=1)
     tr = Trainer(one, obj.Objective(), OptimizerSettings(name=optimizer), compute_dtype=jnp.float32, lora=spec,
-                 mesh=mesh, strategy=strategy, remat=True, micro_batch=1, attention=projection.attention_stand_in)
+                 placement=placement, remat=True, micro_batch=1, attention=projection.attention_stand_in)
     base = abstract_params(one, tr.base_shardings)
     trainable, frozen = (base, {}) if spec is None else (adapter_shapes(one, spec), base)
     batch = {
@@ -119,7 +118,7 @@ def compile_one_block(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh
         "prompt_embeds_2": (1, byt5, cfg.byt5_states_dim), "prompt_mask_2": (1, byt5),
         "vision_states": (1, VISION_TOKENS, cfg.vision_states_dim),
     }
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32 if "mask" in k else jnp.float32, sharding=tr.batch_sharding())
+    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32 if "mask" in k else jnp.float32, sharding=tr.placement.batch)
              for k, s in batch.items()}
     begin = time.perf_counter()
     compiled = tr.compile(tr.abstract_state(trainable), frozen, batch, None)
@@ -148,9 +147,8 @@ def per_device(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh_spec: 
     temporaries compiled for one block, and what each further block adds under remat."""
     tr, compiled, seconds = compile_one_block(cfg, kind, optimizer, name, mesh_spec, shape, text, byt5)
     memory = compiled.memory_analysis()
-    mesh = tr.mesh
     full = Trainer(cfg, obj.Objective(), OptimizerSettings(name=optimizer), compute_dtype=jnp.bfloat16, lora=tr.lora,
-                   mesh=mesh, strategy=tr.strategy, micro_batch=1)
+                   placement=parallel.placement(cfg, name, mesh_spec, batch=1), micro_batch=1)
     base = abstract_params(cfg, full.base_shardings)
     trainable = base if tr.lora is None else adapter_shapes(cfg, tr.lora)
     state = full.abstract_state(trainable)
@@ -164,11 +162,10 @@ def per_device(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh_spec: 
     # each further block: the two streams remat keeps (bf16, laid out as the strategy says) and
     # the float32 gradients of its trained weights, alive until the update
     tokens = math.prod(shape)
-    tokens += -tokens % math.prod(mesh.shape[a] for a in tr.strategy.token_axes)
+    tokens += -tokens % tr.placement.execution.token_multiple
     slots = text + byt5 + VISION_TOKENS
-    layout = lambda name: parallel.activation_sharding(tr.strategy, mesh, name)  # noqa: E731
-    streams = sum(2 * math.prod(layout(n).shard_shape((1, length, cfg.hidden_size)))
-                  for n, length in (("img", tokens), ("txt", slots)))
+    streams = sum(2 * math.prod(tr.placement.activation(n).shard_shape((1, length, cfg.hidden_size)))
+                  for n, length in ((IMG, tokens), (TXT, slots)))
     block = [k for k in state.trainable if k.startswith("double_blocks.0.")]
     grads = device_bytes({k: state.trainable[k] for k in block})
     extra = (cfg.mm_double_blocks_depth - 1) * (streams + grads)

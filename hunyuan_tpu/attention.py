@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from .files import InputError
+
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
 
 
@@ -118,11 +120,11 @@ def kernel(name: str, *, platform: str | None = None, dtype=jnp.bfloat16, block_
         return splash_attention(block_q, block_kv, interpret=platform != "tpu")
     if name == "cudnn":
         if platform != "gpu":
-            raise ValueError(f"--attention cudnn needs a GPU (this backend is {platform})")
+            raise InputError(f"{{attention}} cudnn needs a GPU (this backend is {platform})")
         if not half:
-            raise ValueError(f"--attention cudnn needs bfloat16 or float16 (the model runs in {jnp.dtype(dtype)})")
+            raise InputError(f"{{attention}} cudnn needs bfloat16 or float16 (the model runs in {jnp.dtype(dtype)})")
         return cudnn_attention
-    raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
+    raise InputError(f"{{attention}} {name!r} is not one of {', '.join(BACKENDS)}")
 
 
 def on_mesh(kernel: Kernel, mesh: Mesh | None) -> Kernel:

@@ -25,15 +25,15 @@ class CacheSchedule:
     def check(self, total_steps: int, depth: int) -> None:
         """Raise an InputError naming the flag that makes this schedule invalid for the run."""
         if self.start < 0:
-            raise InputError(f"--cache_start_step {self.start} must be >= 0")
+            raise InputError(f"{{cache_start_step}} {self.start} must be >= 0")
         if self.interval < 1:
-            raise InputError(f"--cache_step_interval {self.interval} must be >= 1")
+            raise InputError(f"{{cache_step_interval}} {self.interval} must be >= 1")
         if self.start > self.end:
-            raise InputError(f"--cache_start_step {self.start} is after --cache_end_step {self.end}")
+            raise InputError(f"{{cache_start_step}} {self.start} is after {{cache_end_step}} {self.end}")
         if self.end > total_steps:
-            raise InputError(f"--cache_end_step {self.end} is past the last step (--num_inference_steps {total_steps})")
+            raise InputError(f"{{cache_end_step}} {self.end} is past the last step ({{num_inference_steps}} {total_steps})")
         if not 1 <= self.keep_blocks <= depth:
-            raise InputError(f"--cache_keep_blocks {self.keep_blocks} must be between 1 and the model's {depth} blocks")
+            raise InputError(f"{{cache_keep_blocks}} {self.keep_blocks} must be between 1 and the model's {depth} blocks")
 
     def split(self, depth: int) -> int:
         """The first kept block: where a full step saves the streams and a cached step starts."""

@@ -9,16 +9,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+_SETTING = re.compile(r"\{([a-z][a-z0-9_]*)\}")
+
+
 class InputError(ValueError):
-    """Bad user input (a file, key, shape or flag); the message names it in one line."""
+    """Bad user input (a file, key, shape or setting); the message names it in one line.
+
+    A setting is written ``{name}`` in the message (``{{name}}`` in an f-string), under the
+    name it has in the stage config.json and the Python API: ``str()`` shows the bare name,
+    and a command line shows the flag that sets it (``render``), so that library code never
+    speaks of flags.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.template = message
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with each ``{setting}`` written as ``name_of(setting)``."""
+        return _SETTING.sub(lambda m: name_of(m.group(1)), self.template)
+
+    def __str__(self) -> str:
+        return self.render(lambda name: name)
 
 
 def _tmp_name(path: Path) -> Path:

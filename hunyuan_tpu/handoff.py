@@ -41,7 +41,7 @@ def required_keys(task: str) -> tuple[str, ...]:
 def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder (run stage 1 first, or stage 2 with --demo)")
+        raise InputError(f"{folder}: no such folder (run stage 1 first, or stage 2 with {{demo}})")
     return read_json(folder / CONFIG_NAME)
 
 

@@ -39,12 +39,12 @@ def read_image(path: str | Path) -> Image.Image:
     """The image at ``path`` as RGB, fully decoded (so that a truncated file fails here)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--image {path}: no such file")
+        raise InputError(f"{{image}} {path}: no such file")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"--image {path}: cannot read the image ({e})") from None
+        raise InputError(f"{{image}} {path}: cannot read the image ({e})") from None
 
 
 def image_bucket(image: Image.Image, resolution: str) -> tuple[int, int]:
@@ -81,11 +81,11 @@ def tiny_siglip(width: int, dtype: torch.dtype = torch.float32, seed: int = 0) -
 
 def _siglip_parts(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
-        raise InputError(f"--vision_encoder {folder}: no such folder")
+        raise InputError(f"{{vision_encoder}} {folder}: no such folder")
     model_dir, processor_dir = folder / "image_encoder", folder / "feature_extractor"
     for sub, name in ((model_dir, "config.json"), (processor_dir, "preprocessor_config.json")):
         if not (sub / name).is_file():
-            raise InputError(f"--vision_encoder {folder}: no {sub.name}/{name} in it "
+            raise InputError(f"{{vision_encoder}} {folder}: no {sub.name}/{name} in it "
                              "(expected the FLUX.1-Redux-dev folder, see README)")
     return model_dir, processor_dir
 

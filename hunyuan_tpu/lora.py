@@ -53,11 +53,11 @@ class LoRASpec:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise LoRAError(f"--lora_rank {self.rank} must be >= 1")
+            raise LoRAError(f"{{lora_rank}} {self.rank} must be >= 1")
         try:
             re.compile(self.pattern)
         except re.error as e:
-            raise LoRAError(f"--lora_targets {self.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) "
+            raise LoRAError(f"{{lora_targets}} {self.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) "
                             f"nor a valid regex: {e}") from None
 
     @property
@@ -108,7 +108,7 @@ def target_layers(model: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, int]
     """The layers ``spec`` adapts: name -> (out, in); at least one."""
     layers = linear_layers(model, spec.pattern)
     if not layers:
-        raise LoRAError(f"--lora_targets {spec.targets!r} matches no linear layer of the model")
+        raise LoRAError(f"{{lora_targets}} {spec.targets!r} matches no linear layer of the model")
     return layers
 
 

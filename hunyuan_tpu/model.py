@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sharding import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP
+
 from .config import DiTConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -44,9 +46,7 @@ class Execution:
     """How a forward is placed on devices. The defaults run the model as plain PyTorch.
 
     ``layout(x, name)`` is called on named activations so that a sharded runtime can pin their
-    placement (names and shapes: "img" (B, L, C) and "txt" (B, S, C) residual streams,
-    "img_heads"/"txt_heads" (B, L, N, D) attention inputs, "img_attn"/"txt_attn" (B, L, C)
-    attention outputs, "img_mlp"/"txt_mlp" (B, L, F) MLP hidden states). ``token_multiple``
+    placement (the names and their shapes: ``sharding.ACTIVATIONS``). ``token_multiple``
     pads the image tokens to a multiple of itself; padded tokens are masked keys and are
     dropped before the output, so they never change the result. ``scope(name)`` names a phase
     ("embed", "blocks", "double_block_<i>", "final_layer") for profiler traces.
@@ -334,26 +334,26 @@ class DoubleStreamBlock(nn.Module):
         img_q = apply_rope(self.img_attn_q_norm(self._heads(self.img_attn_q(x))), rope)
         img_k = apply_rope(self.img_attn_k_norm(self._heads(self.img_attn_k(x))), rope)
         img_v = self._heads(self.img_attn_v(x))
-        img_q, img_k, img_v = (layout(a, "img_heads") for a in (img_q, img_k, img_v))
+        img_q, img_k, img_v = (layout(a, IMG_HEADS) for a in (img_q, img_k, img_v))
 
         x = modulate(layer_norm(txt), txt_shift1, txt_scale1)
         txt_q = self.txt_attn_q_norm(self._heads(self.txt_attn_q(x)))
         txt_k = self.txt_attn_k_norm(self._heads(self.txt_attn_k(x)))
         txt_v = self._heads(self.txt_attn_v(x))
-        txt_q, txt_k, txt_v = (layout(a, "txt_heads") for a in (txt_q, txt_k, txt_v))
+        txt_q, txt_k, txt_v = (layout(a, TXT_HEADS) for a in (txt_q, txt_k, txt_v))
 
         attn = attention(
             torch.cat([img_q, txt_q], 1), torch.cat([img_k, txt_k], 1), torch.cat([img_v, txt_v], 1), key_mask
         )
         img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)
 
-        img = img + img_gate1[:, None] * self.img_attn_proj(layout(img_attn, "img_attn"))
+        img = img + img_gate1[:, None] * self.img_attn_proj(layout(img_attn, IMG_ATTN))
         x = modulate(layer_norm(img), img_shift2, img_scale2)
-        img = img + img_gate2[:, None] * self.img_mlp.fc2(layout(self.img_mlp.act(self.img_mlp.fc1(x)), "img_mlp"))
-        txt = txt + txt_gate1[:, None] * self.txt_attn_proj(layout(txt_attn, "txt_attn"))
+        img = img + img_gate2[:, None] * self.img_mlp.fc2(layout(self.img_mlp.act(self.img_mlp.fc1(x)), IMG_MLP))
+        txt = txt + txt_gate1[:, None] * self.txt_attn_proj(layout(txt_attn, TXT_ATTN))
         x = modulate(layer_norm(txt), txt_shift2, txt_scale2)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp.fc2(layout(self.txt_mlp.act(self.txt_mlp.fc1(x)), "txt_mlp"))
-        return layout(img, "img"), layout(txt, "txt")
+        txt = txt + txt_gate2[:, None] * self.txt_mlp.fc2(layout(self.txt_mlp.act(self.txt_mlp.fc1(x)), TXT_MLP))
+        return layout(img, IMG), layout(txt, TXT)
 
 
 class FinalLayer(nn.Module):
@@ -466,12 +466,12 @@ class HunyuanVideo15DiT(nn.Module):
             if timestep_r is not None:
                 vec = vec + self.time_r_in(timestep_r)
             if streams is None:
-                img = layout(F.pad(self.img_in(x), (0, 0, 0, padding)), "img")
+                img = layout(F.pad(self.img_in(x), (0, 0, 0, padding)), IMG)
                 txt, txt_mask = self.embed_text(
                     t, text_states, text_mask, byt5_states, byt5_mask, vision_states, vision_mask)
-                txt = layout(txt, "txt")
+                txt = layout(txt, TXT)
             else:
-                img, txt = layout(streams[0], "img"), layout(streams[1], "txt")
+                img, txt = layout(streams[0], IMG), layout(streams[1], TXT)
                 vision_mask = vision_key_mask(vision_states, vision_mask)
                 _, txt_mask = condition_order(text_mask.bool(), byt5_mask.bool(), vision_mask)
             cos, sin = rope_frequencies(grid, cfg.rope_dim_list, cfg.rope_theta, x.device)

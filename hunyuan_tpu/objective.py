@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .files import InputError
 from .handoff import TEXT_KEYS
 
 T_EPS = 1e-5
@@ -34,12 +35,12 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"--timestep_sampling {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+            raise InputError(f"{{timestep_sampling}} {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if self.shift <= 0:
-            raise ValueError(f"--train_shift {self.shift} must be > 0")
+            raise InputError(f"{{train_shift}} {self.shift} must be > 0")
         for name, p in (("i2v_prob", self.i2v_prob), ("text_dropout", self.text_dropout)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"--{name} {p} must be between 0 and 1")
+                raise InputError(f"{{{name}}} {p} must be between 0 and 1")
 
 
 class Draw(NamedTuple):

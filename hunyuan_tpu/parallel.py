@@ -6,10 +6,11 @@ always has the four axes (dp, fsdp, sp, tp), unnamed ones of size 1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -32,26 +33,26 @@ def parse_mesh_spec(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = re.fullmatch(r"(\w+)=(\d+)", part)
         if not m:
-            raise InputError(f"--mesh {text!r}: {part!r} is not AXIS=SIZE (axes: {', '.join(MESH_AXES)})")
+            raise InputError(f"{{mesh}} {text!r}: {part!r} is not AXIS=SIZE (axes: {', '.join(MESH_AXES)})")
         axis, size = m.group(1), int(m.group(2))
         if axis not in sizes:
-            raise InputError(f"--mesh {text!r}: unknown axis {axis!r} (axes: {', '.join(MESH_AXES)})")
+            raise InputError(f"{{mesh}} {text!r}: unknown axis {axis!r} (axes: {', '.join(MESH_AXES)})")
         if axis in seen or size < 1:
-            raise InputError(f"--mesh {text!r}: axis {axis} given twice or with size < 1")
+            raise InputError(f"{{mesh}} {text!r}: axis {axis} given twice or with size < 1")
         seen.add(axis)
         sizes[axis] = size
     if not seen:
-        raise InputError(f"--mesh {text!r}: empty (e.g. tp=8 or dp=2,sp=4)")
+        raise InputError(f"{{mesh}} {text!r}: empty (e.g. tp=8 or dp=2,sp=4)")
     return sizes
 
 
-def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over all (or the given) devices; ``Auto`` axes, as row-parallel layouts need."""
-    devices = jax.devices() if devices is None else devices
+    devices = jax.devices() if devices is None else list(devices)
     shape = tuple(sizes[a] for a in MESH_AXES)
     if math.prod(shape) != len(devices):
         spec = ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes[a] > 1) or "1 device"
-        raise InputError(f"--mesh {spec}: uses {math.prod(shape)} devices, but {len(devices)} are available")
+        raise InputError(f"{{mesh}} {spec}: uses {math.prod(shape)} devices, but {len(devices)} are available")
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
 
 
@@ -63,23 +64,22 @@ def default_mesh_sizes(strategy: Strategy, device_count: int) -> dict[str, int]:
 
 
 def choose_layout(
-    name: str | None, mesh_spec: str | None, device_count: int, default: str
+    name: str | None, sizes: Mapping[str, int] | None, device_count: int, default: str
 ) -> tuple[Strategy, dict[str, int]] | None:
-    """The strategy and mesh sizes for ``--sharding NAME --mesh SPEC``, or None for a single
-    device without a mesh. Without a name: the strategy whose axis the mesh splits, else
-    ``default``; without a mesh: every device on the strategy's own axis."""
-    if name is None and mesh_spec is None and device_count == 1:
+    """The strategy and mesh sizes for a strategy ``name`` and mesh ``sizes`` (either may be
+    None), or None for a single device without a mesh. Without a name: the strategy whose axis
+    the mesh splits, else ``default``; without sizes: every device on the strategy's own axis."""
+    if name is None and sizes is None and device_count == 1:
         return None
-    sizes = parse_mesh_spec(mesh_spec) if mesh_spec else None
     if name is None and sizes is None:
         name = default
     elif name is None:
         used = [a for a in ("fsdp", "sp", "tp") if sizes[a] > 1]
         name = {"fsdp": "fsdp", "sp": "sp", "tp": "tp_fc2_replicated"}[used[0]] if used else "replicated"
     if name not in sharding.STRATEGIES:
-        raise InputError(f"--sharding {name!r} is not one of {', '.join(sharding.STRATEGIES)}")
+        raise InputError(f"{{sharding}} {name!r} is not one of {', '.join(sharding.STRATEGIES)}")
     strategy = sharding.get(name)
-    return strategy, sizes or default_mesh_sizes(strategy, device_count)
+    return strategy, dict(sizes) if sizes else default_mesh_sizes(strategy, device_count)
 
 
 def param_spec(strategy: Strategy, name: str) -> P:
@@ -87,6 +87,31 @@ def param_spec(strategy: Strategy, name: str) -> P:
         if re.fullmatch(pattern, name):
             return spec
     return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """What a strategy's parameter table does to a model: the rules that match no parameter
+    (a misspelt regex shards nothing, silently), and how many parameters it leaves whole."""
+
+    unmatched_rules: tuple[str, ...]
+    whole: int
+    total: int
+
+
+def coverage(strategy: Strategy, names: Iterable[str]) -> Coverage:
+    """Which of ``strategy``'s rules match none of ``names``, and how many names no rule splits."""
+    names = list(names)
+    used = {pattern: False for pattern, _ in strategy.params}
+    whole = 0
+    for name in names:
+        spec = P()
+        for pattern, rule_spec in strategy.params:
+            if re.fullmatch(pattern, name):
+                used[pattern], spec = True, rule_spec
+                break
+        whole += all(axes is None for axes in spec)
+    return Coverage(tuple(p for p, hit in used.items() if not hit), whole, len(names))
 
 
 def param_shardings(strategy: Strategy, mesh: Mesh, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
@@ -115,18 +140,18 @@ def check_fit(
     unused = [f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1 and a not in strategy.axes]
     if unused:
         raise InputError(
-            f"--mesh axis {', '.join(unused)} is not used by strategy {strategy.name} (its axes: "
+            f"{{mesh}} axis {', '.join(unused)} is not used by strategy {strategy.name} (its axes: "
             f"{', '.join(strategy.axes)}); those devices would only repeat the same work"
         )
     head_split = math.prod(mesh.shape[a] for a in MESH_AXES if a != "dp")
     if config.heads_num % head_split:
         raise InputError(
-            f"--mesh: attention splits the {config.heads_num} heads over {head_split} devices "
+            f"{{mesh}}: attention splits the {config.heads_num} heads over {head_split} devices "
             f"(every axis but dp); heads_num must be divisible by it"
         )
     if batch % mesh.shape["dp"]:
         raise InputError(
-            f"--mesh dp={mesh.shape['dp']} splits the batch into equal parts, but the {batch_name} has "
+            f"{{mesh}} dp={mesh.shape['dp']} splits the batch into equal parts, but the {batch_name} has "
             f"{batch} sample(s)"
         )
     for name, shape in shapes.items():
@@ -140,22 +165,6 @@ def param_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}
 
 
-def sharded_layout(
-    config: DiTConfig, strategy: Strategy, sizes: Mapping[str, int], *, batch: int, batch_name: str = CFG_BATCH
-) -> tuple[Mesh, dict[str, NamedSharding]]:
-    """A mesh of ``sizes`` over all devices, checked to fit ``strategy`` for ``config`` and a
-    ``batch`` (the CFG pair by default), and where each parameter lives on it."""
-    mesh = make_mesh(sizes)
-    shapes = param_shapes(config)
-    check_fit(strategy, mesh, config, shapes, batch, batch_name)
-    return mesh, param_shardings(strategy, mesh, shapes)
-
-
-def activation_sharding(strategy: Strategy, mesh: Mesh, name: str) -> NamedSharding:
-    """Where a named activation lives between steps; replicated where the strategy leaves it to XLA."""
-    return NamedSharding(mesh, strategy.activations.get(name, P()))
-
-
 def execution(strategy: Strategy, mesh: Mesh) -> Execution:
     """The model's layout hook and token padding for ``strategy`` on ``mesh``."""
     shardings = {name: NamedSharding(mesh, spec) for name, spec in strategy.activations.items()}
@@ -165,6 +174,81 @@ def execution(strategy: Strategy, mesh: Mesh) -> Execution:
         return x if sharding is None else interop.call_jax(jax.lax.with_sharding_constraint, x, sharding)
 
     return Execution(layout=layout, token_multiple=math.prod(mesh.shape[a] for a in strategy.token_axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one run's model lives, built once by ``placement`` and handed to the pipeline, the
+    trainer, the benchmarks and the tests: the mesh, the strategy, each parameter's sharding,
+    and the model's ``Execution`` (layout hook, token multiple). The default is one device
+    without a mesh, where every sharding is None and the model runs as plain ops."""
+
+    mesh: Mesh | None = None
+    strategy: Strategy | None = None
+    params: Mapping[str, NamedSharding] = dataclasses.field(default_factory=dict)
+    execution: Execution = Execution()
+
+    @property
+    def sizes(self) -> dict[str, int] | None:
+        """The mesh's axis sizes, or None on one device."""
+        return None if self.mesh is None else dict(self.mesh.shape)
+
+    @property
+    def mesh_spec(self) -> str | None:
+        """The mesh as a spec string (``tp=8``; ``1`` for a one-device mesh), None without one."""
+        if self.mesh is None:
+            return None
+        return ",".join(f"{a}={n}" for a, n in self.mesh.shape.items() if n > 1) or "1"
+
+    @property
+    def replicated(self) -> NamedSharding | None:
+        """On every device of the mesh: latents, conditions and other small arrays."""
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+    @property
+    def batch(self) -> NamedSharding | None:
+        """Samples split over ``dp``; the model's layouts take it from there."""
+        return None if self.mesh is None else NamedSharding(self.mesh, P("dp"))
+
+    def param(self, name: str) -> NamedSharding | None:
+        return self.params.get(name)
+
+    def activation(self, name: str) -> NamedSharding | None:
+        """Where a named activation lives between steps; replicated where the strategy leaves it to XLA."""
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, self.strategy.activations.get(name, P()))
+
+
+def placement(
+    config: DiTConfig,
+    strategy: str | None = None,
+    mesh: str | Mapping[str, int] | None = None,
+    *,
+    batch: int,
+    batch_name: str = CFG_BATCH,
+    default: str = "tp_fc2_replicated",
+    devices: Sequence[jax.Device] | None = None,
+) -> Placement:
+    """The placement of ``config`` for a ``strategy`` name and a ``mesh`` (spec string or axis
+    sizes) over ``devices`` (default: all), checked to fit a ``batch`` of samples.
+
+    Without a strategy: the one whose axis the mesh splits, else ``default``; without a mesh:
+    every device on the strategy's own axis; neither on one device: no mesh at all.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(mesh, str):
+        mesh = parse_mesh_spec(mesh)
+    elif mesh is not None:
+        mesh = {**dict.fromkeys(MESH_AXES, 1), **mesh}
+    layout = choose_layout(strategy, mesh, len(devices), default)
+    if layout is None:
+        return Placement()
+    chosen, sizes = layout
+    built = make_mesh(sizes, devices)
+    shapes = param_shapes(config)
+    check_fit(chosen, built, config, shapes, batch, batch_name)
+    return Placement(built, chosen, param_shardings(chosen, built, shapes), execution(chosen, built))
 
 
 def multi_host(environ: Mapping[str, str]) -> bool:

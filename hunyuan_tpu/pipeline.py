@@ -16,18 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from sharding import Strategy
+from sharding import IMG, TXT
 
-from . import parallel, scheduler
+from . import scheduler
 from .attention import Kernel, xla_attention
 from .cache import CacheSchedule
 from .config import DiTConfig
 from .files import InputError
-from .model import Execution, Streams
+from .model import Streams
+from .parallel import Placement
 from .params import meta_model
 from .runtime import JaxParams, functional, tracing
 
@@ -88,10 +87,10 @@ def bucket_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
 def latent_shape(video_length: int, height: int, width: int) -> tuple[int, int, int]:
     """Latent (T, H, W) for a video of ``video_length`` frames of ``height`` x ``width`` pixels."""
     if video_length < 1 or (video_length - 1) % VAE_TEMPORAL:
-        raise InputError(f"--video_length {video_length} must be of the form 4k+1 (e.g. 33, 49, 121)")
+        raise InputError(f"{{video_length}} {video_length} must be of the form 4k+1 (e.g. 33, 49, 121)")
     for name, size in (("height", height), ("width", width)):
         if size < VAE_SPATIAL or size % VAE_SPATIAL:
-            raise InputError(f"--{name} {size} must be a positive multiple of {VAE_SPATIAL}")
+            raise InputError(f"{{{name}}} {size} must be a positive multiple of {VAE_SPATIAL}")
     return (video_length - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL
 
 
@@ -183,11 +182,6 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int |
     return step
 
 
-def replicated(mesh: Mesh | None) -> NamedSharding | None:
-    """Where latents and conditions live: on every device of the mesh (they are small)."""
-    return NamedSharding(mesh, P()) if mesh is not None else None
-
-
 def device_conditions(conditions: dict[str, np.ndarray], settings: SamplingSettings, dtype) -> dict[str, np.ndarray]:
     """``build_conditions`` output in the step's dtypes, plus the run's sigmas and guidance scale."""
     host = {k: v.astype(dtype) if k in _MODEL_DTYPE_KEYS else v for k, v in conditions.items()}
@@ -201,30 +195,25 @@ def step_function(
     settings: SamplingSettings,
     dtype,
     *,
-    mesh: Mesh | None = None,
-    strategy: Strategy | None = None,
+    placement: Placement = Placement(),
     split: int | None = None,
     cached: bool = False,
 ) -> Callable:
-    """The jitted step for ``config``, laid out by ``strategy`` on ``mesh`` (both or neither).
+    """The jitted step for ``config``, laid out by ``placement``.
 
     Latents go in and come out replicated, so every step has the same signature and reuses
     one executable; the latents buffer is donated. With ``split`` it is the feature cache's
     full step (``cached`` False: also returns the streams, laid out like the model's residual
     streams) or cached step (``cached`` True: takes them, and leaves them for the next one).
     """
-    if (mesh is None) != (strategy is None):
-        raise ValueError("give both mesh and strategy, or neither")
     if cached and split is None:
         raise ValueError("a cached step needs the split its streams were saved at")
-    execution = parallel.execution(strategy, mesh) if mesh is not None else Execution()
     # named scopes make the profiler trace read embed / blocks / double_block_i / final_layer
-    model = meta_model(config, dataclasses.replace(execution, scope=jax.named_scope))
+    model = meta_model(config, dataclasses.replace(placement.execution, scope=jax.named_scope))
     step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype, split=split)
-    out_shardings = replicated(mesh)
-    if mesh is not None and split is not None and not cached:
-        streams = tuple(parallel.activation_sharding(strategy, mesh, name) for name in ("img", "txt"))
-        out_shardings = (out_shardings, streams)
+    out_shardings = placement.replicated
+    if placement.mesh is not None and split is not None and not cached:
+        out_shardings = (out_shardings, (placement.activation(IMG), placement.activation(TXT)))
     # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
     # argument memory is exactly what the sharding tables imply
     return jax.jit(step, donate_argnums=2, out_shardings=out_shardings, keep_unused=True)
@@ -233,8 +222,8 @@ def step_function(
 class Denoiser:
     """One run's parameters and conditions on device, with its step function(s) compiled once.
 
-    ``params`` (from ``hunyuan_tpu.params``) fix the model dtype and, with ``mesh`` and
-    ``strategy``, where each weight lives; the step's activations follow the strategy's layouts.
+    ``params`` (from ``hunyuan_tpu.params``, placed by ``placement.params``) fix the model
+    dtype; the step's activations follow the placement's layouts.
     With a ``cache`` schedule there are two executables, the full step and the cached step,
     and ``step`` picks by the step index; the streams between them stay on device.
     """
@@ -246,19 +235,19 @@ class Denoiser:
         conditions: dict[str, np.ndarray],
         settings: SamplingSettings,
         *,
-        mesh: Mesh | None = None,
-        strategy: Strategy | None = None,
+        placement: Placement = Placement(),
         attention: Kernel = xla_attention,
         cache: CacheSchedule | None = None,
     ):
-        self.settings, self.mesh, self.params, self.attention, self.cache = settings, mesh, params, attention, cache
+        self.settings, self.placement, self.params, self.attention, self.cache = (
+            settings, placement, params, attention, cache)
         dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
-        self.latents_sharding = replicated(mesh)
+        self.latents_sharding = placement.replicated
         self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
         if cache is not None:
             cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
         split = cache.split(config.mm_double_blocks_depth) if cache is not None else None
-        jitted = functools.partial(step_function, config, settings, dtype, mesh=mesh, strategy=strategy, split=split)
+        jitted = functools.partial(step_function, config, settings, dtype, placement=placement, split=split)
         self._jitted = jitted()
         self._jitted_cached = jitted(cached=True) if cache is not None else None
         self.compiled = self.compiled_cached = None
@@ -280,7 +269,7 @@ class Denoiser:
         """Trace and compile the step(s) ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
-        with tracing(self.mesh, self.attention):
+        with tracing(self.placement.mesh, self.attention):
             lowered = self._jitted.lower(self.params, self.conditions, latents, 0)
             self.compiled = lowered.compile()
             if self.cache is not None:  # the cached step takes the streams as the full step leaves them

@@ -115,11 +115,11 @@ def tiny_llm(width: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> E
 
 def llm_width(folder: Path) -> int:
     """Hidden size of the language model in a Qwen2.5-VL folder, from its config only."""
-    _require_folder("--text_encoder", folder, "config.json")
+    _require_folder("{text_encoder}", folder, "config.json")
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, OSError, KeyError) as e:
-        raise InputError(f"--text_encoder {folder}: cannot read config.json ({e})") from None
+        raise InputError(f"{{text_encoder}} {folder}: cannot read config.json ({e})") from None
     text = getattr(config, "text_config", config)
     return int(text.hidden_size)
 
@@ -207,11 +207,11 @@ def _glyph_special_tokens(assets: Path) -> list[str]:
 
 def byt5_folders(folder: Path) -> tuple[Path, Path]:
     """(Glyph-SDXL-v2 folder, byt5-small folder) of the official layout, checked."""
-    _require_folder("--byt5", folder, "checkpoints/byt5_model.pt", "assets/color_idx.json",
+    _require_folder("{byt5}", folder, "checkpoints/byt5_model.pt", "assets/color_idx.json",
                     "assets/multilingual_10-lang_idx.json")
     base = folder.parent / "byt5-small"
     if not (base / "config.json").is_file():
-        raise InputError(f"--byt5 {folder}: no byt5-small/config.json beside it ({base}; google/byt5-small, see README)")
+        raise InputError(f"{{byt5}} {folder}: no byt5-small/config.json beside it ({base}; google/byt5-small, see README)")
     return folder, base
 
 

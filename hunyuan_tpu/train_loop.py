@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,14 +25,10 @@ from typing import Callable
 import jax
 import numpy as np
 import torch
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from sharding import Strategy
-
 from . import lora as lora_lib
-from . import parallel, pipeline
+from . import pipeline
 from . import training_checkpoint as ckpt
 from .attention import Kernel, xla_attention
 from .checkpoint import save_transformer
@@ -41,6 +38,7 @@ from .files import InputError, atomic_path, read_safetensors, save_safetensors, 
 from .handoff import TEXT_KEYS
 from .model import HunyuanVideo15DiT
 from .objective import Objective
+from .parallel import Placement
 from .params import meta_model, model_params
 from .runtime import JaxParams, jax_dtype
 from .training import OptimizerSettings, Trainer, TrainState, step_key
@@ -63,7 +61,7 @@ class RunSettings:
     accumulation: int = 1
     remat: bool = True
     seed: int = 42
-    layout: tuple[Strategy, dict[str, int]] | None = None
+    placement: Placement = Placement()
     attention: Kernel = xla_attention
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
@@ -104,8 +102,8 @@ class Validation:
     once per run. The negative prompt is the dataset's empty prompt; without one, no CFG.
     """
 
-    def __init__(self, settings: RunSettings, config: DiTConfig, data: TrainingData, mesh: Mesh | None):
-        self.settings, self.config, self.data, self.mesh = settings, config, data, mesh
+    def __init__(self, settings: RunSettings, config: DiTConfig, data: TrainingData):
+        self.settings, self.config, self.data = settings, config, data
         self.denoiser: pipeline.Denoiser | None = None
         self.noise = pipeline.initial_noise(settings.seed, data.latent_shape[1:])
 
@@ -122,8 +120,8 @@ class Validation:
             sampling = dataclasses.replace(pipeline.default_sampling(self.config),
                                            num_inference_steps=s.validation_steps, guidance_scale=guidance)
             conditions = pipeline.build_conditions(embeddings, task="t2v", shape=shape, cfg=sampling.cfg)
-            self.denoiser = pipeline.Denoiser(self.config, params, conditions, sampling, mesh=self.mesh,
-                                              strategy=s.layout[0] if s.layout else None, attention=s.attention)
+            self.denoiser = pipeline.Denoiser(self.config, params, conditions, sampling, placement=s.placement,
+                                              attention=s.attention)
         self.denoiser.use_params(params)
         latents = pipeline.denoise(self.denoiser, self.noise, progress=False).latents
         if writer:
@@ -181,22 +179,30 @@ def _write_final(settings: RunSettings, config: DiTConfig, trainable: dict[str, 
     return save_transformer(model, folder)
 
 
-def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] = print) -> Summary:
-    """Run (or resume) the training described by ``settings`` for ``config``."""
-    started = time.perf_counter()
-    s = settings
-    writer = jax.process_index() == 0
+@dataclasses.dataclass
+class _Session:
+    """One run's state between its phases: the data, the trainer, the device state, where it is."""
+
+    data: TrainingData
+    order: DataOrder
+    trainer: Trainer
+    state: TrainState
+    frozen: JaxParams
+    fingerprint: str
+    step: int = 0
+    position: int = 0
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+
+def _build(s: RunSettings, config: DiTConfig, log: Callable[[str], None]) -> _Session:
+    """The data, the trainer and the state on device at update 0."""
     data = TrainingData(s.data, config)
     order = DataOrder(data.num_samples, s.batch_size * s.accumulation, s.seed)
     if s.objective.text_dropout > 0 and data.empty_prompt() is None:
-        raise InputError(f"--text_dropout {s.objective.text_dropout} needs {s.data}/empty_prompt.safetensors "
+        raise InputError(f"{{text_dropout}} {s.objective.text_dropout} needs {s.data}/empty_prompt.safetensors "
                          "(the stage-1 encoding of the empty prompt)")
-    mesh = strategy = None
-    if s.layout is not None:
-        strategy, sizes = s.layout
-        mesh = parallel.make_mesh(sizes)
-    trainer = Trainer(config, s.objective, s.optimizer, compute_dtype=jax_dtype(s.dtype), lora=s.lora, mesh=mesh,
-                      strategy=strategy, remat=s.remat, micro_batch=s.batch_size, accumulation=s.accumulation,
+    trainer = Trainer(config, s.objective, s.optimizer, compute_dtype=jax_dtype(s.dtype), lora=s.lora,
+                      placement=s.placement, remat=s.remat, micro_batch=s.batch_size, accumulation=s.accumulation,
                       attention=s.attention)
     if not Path(s.model).exists():
         log(f"model {s.model}: seeded random weights (no checkpoint)")
@@ -207,101 +213,127 @@ def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] =
     else:
         trainable = {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(config), s.lora, s.seed).items()}
         frozen = base
-    state = trainer.init_state(trainable)
-    del trainable, base
+    return _Session(data, order, trainer, trainer.init_state(trainable), frozen, s.fingerprint(data))
 
-    out = Path(s.output_dir)
-    checkpoints = out / "checkpoints"
-    fingerprint = s.fingerprint(data)
-    step, position = 0, 0
+
+def _resume(s: RunSettings, run: _Session, log: Callable[[str], None]) -> None:
+    """Continue from the newest checkpoint (``resume``), or refuse to overwrite one."""
+    checkpoints = Path(s.output_dir) / "checkpoints"
     found = ckpt.latest(checkpoints)
     if found is not None and not s.resume:
-        raise InputError(f"{found}: a checkpoint of an earlier run; pass --resume to continue it, or choose "
-                         "another --output_dir")
-    if found is not None:
-        saved = ckpt.read_position(found)
-        if saved.fingerprint != fingerprint:
-            raise InputError(f"{found}: saved by a run with other settings or data; drop --resume or use "
-                             "another --output_dir")
-        params, opt_state = ckpt.restore(found, state.trainable, state.opt_state,
-                                         lambda p: read_safetensors(p, torch.float32)[0])
-        state = TrainState(params, opt_state)
-        step, position = saved.step, saved.data_position
-        log(f"resuming at update {step} of {s.optimizer.total_steps} from {found}")
-    elif s.resume:
-        log(f"no checkpoint in {checkpoints}: starting from update 0")
+        raise InputError(f"{found}: a checkpoint of an earlier run; pass {{resume}} to continue it, or choose "
+                         "another {output_dir}")
+    if found is None:
+        if s.resume:
+            log(f"no checkpoint in {checkpoints}: starting from update 0")
+        return
+    saved = ckpt.read_position(found)
+    if saved.fingerprint != run.fingerprint:
+        raise InputError(f"{found}: saved by a run with other settings or data; drop {{resume}} or use "
+                         "another {output_dir}")
+    params, opt_state = ckpt.restore(found, run.state.trainable, run.state.opt_state,
+                                     lambda p: read_safetensors(p, torch.float32)[0])
+    run.state = TrainState(params, opt_state)
+    run.step, run.position = saved.step, saved.data_position
+    log(f"resuming at update {run.step} of {s.optimizer.total_steps} from {found}")
+
+
+def _start_metrics(out: Path, run: _Session, writer: bool) -> Path:
+    """metrics.jsonl as of the run's update: a resumed run drops what the interrupted one
+    logged after its last checkpoint."""
+    path = out / METRICS
+    run.rows = _read_metrics(path, run.step) if run.step else []
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / METRICS
-    rows = _read_metrics(metrics_path, step) if step else []
-    if writer:  # a resumed run drops what the interrupted one logged after its last checkpoint
-        tmp = metrics_path.with_name(f".{METRICS}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(metrics_path)
+        tmp = path.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in run.rows))
+        tmp.replace(path)
+    return path
 
-    replicated = NamedSharding(mesh, P()) if mesh is not None else None
-    empty = data.empty_prompt()
-    empty = jax.device_put(empty, replicated) if empty is not None and s.objective.text_dropout > 0 else None
-    first = step
-    batch = trainer.place_batch(data.read(order.indices(position)))
-    compile_begin = time.perf_counter()
-    trainer.compile(state, frozen, batch, empty)
-    compile_s = time.perf_counter() - compile_begin
-    validation = Validation(s, config, data, mesh)
+
+def _loop(s: RunSettings, config: DiTConfig, run: _Session, batch: dict, empty: dict | None, writer: bool) -> list[float]:
+    """The updates from ``run.step`` to the last; returns each one's seconds."""
+    out, trainer = Path(s.output_dir), run.trainer
+    checkpoints, metrics_path = out / "checkpoints", out / METRICS
+    validation = Validation(s, config, run.data)
     write_trainable = functools.partial(_write_trainable, s.lora)
-    seconds = []
     title = f"{'LoRA' if s.lora else 'full'} training of {Path(s.model).name}, {s.optimizer.name}"
-    bar = tqdm(total=s.optimizer.total_steps, initial=step, desc="train", unit="update",
+    seconds = []
+    bar = tqdm(total=s.optimizer.total_steps, initial=run.step, desc="train", unit="update",
                disable=not (writer and s.progress))
-    with bar, open(metrics_path, "a") if writer else open("/dev/null", "w") as metrics_file:
-        while step < s.optimizer.total_steps:
+    with bar, open(metrics_path, "a") if writer else open(os.devnull, "w") as metrics_file:
+        while run.step < s.optimizer.total_steps:
             begin = time.perf_counter()
-            state, metrics = trainer.step(state, frozen, batch, empty, step_key(s.seed, step))
-            if step + 1 < s.optimizer.total_steps:  # read the next batch while the step runs
-                batch = trainer.place_batch(data.read(order.indices(position + 1)))
+            run.state, metrics = trainer.step(run.state, run.frozen, batch, empty, step_key(s.seed, run.step))
+            if run.step + 1 < s.optimizer.total_steps:  # read the next batch while the step runs
+                batch = trainer.place_batch(run.data.read(run.order.indices(run.position + 1)))
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds.append(time.perf_counter() - begin)
             if not math.isfinite(loss):
                 last = ckpt.latest(checkpoints)
                 kept = f"The last checkpoint, {last}, is intact." if last else "No checkpoint was written."
-                raise InputError(f"update {step + 1}: the loss is {loss}; stopping. {kept} Check the data for "
-                                 "extreme values or lower --learning_rate.")
-            step, position = step + 1, position + 1
-            row = {"step": step, "loss": loss, "grad_norm": grad_norm,
-                   "lr": float(trainer.schedule(step - 1)), "seconds": round(seconds[-1], 4)}
-            rows.append(row)
+                raise InputError(f"update {run.step + 1}: the loss is {loss}; stopping. {kept} Check the data for "
+                                 "extreme values or lower {learning_rate}.")
+            run.step, run.position = run.step + 1, run.position + 1
+            row = {"step": run.step, "loss": loss, "grad_norm": grad_norm,
+                   "lr": float(trainer.schedule(run.step - 1)), "seconds": round(seconds[-1], 4)}
+            run.rows.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", s_per_update=f"{seconds[-1]:.3f}")
             bar.update()
-            if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.optimizer.total_steps:
-                ckpt.save(checkpoints, ckpt.RunPosition(step, position, s.seed, fingerprint), state.trainable,
-                          state.opt_state, write_trainable=write_trainable, keep=s.keep_checkpoints, writer=writer)
+            if s.checkpoint_every and run.step % s.checkpoint_every == 0 and run.step < s.optimizer.total_steps:
+                ckpt.save(checkpoints, ckpt.RunPosition(run.step, run.position, s.seed, run.fingerprint),
+                          run.state.trainable, run.state.opt_state, write_trainable=write_trainable,
+                          keep=s.keep_checkpoints, writer=writer)
                 if writer:
-                    plot_loss(rows, out / LOSS_CURVE, title)
-            if s.validate_every and (step % s.validate_every == 0 or step == s.optimizer.total_steps):
-                validation(trainer.inference_params(state, frozen), step, out / "validation", writer)
+                    plot_loss(run.rows, out / LOSS_CURVE, title)
+            if s.validate_every and (run.step % s.validate_every == 0 or run.step == s.optimizer.total_steps):
+                validation(trainer.inference_params(run.state, run.frozen), run.step, out / "validation", writer)
+    if writer and run.rows:
+        plot_loss(run.rows, out / LOSS_CURVE, title)
+    return seconds
 
-    trainable_host = {k: ckpt.host_array(v) for k, v in state.trainable.items()}
+
+def _run_record(s: RunSettings, summary: Summary) -> dict:
+    """run.json: the settings and what the run measured."""
+    return {
+        "settings": {"data": str(s.data), "model": s.model, "dtype": str(s.dtype).removeprefix("torch."),
+                     "objective": dataclasses.asdict(s.objective), "optimizer": dataclasses.asdict(s.optimizer),
+                     "lora": dataclasses.asdict(s.lora) if s.lora else None, "batch_size": s.batch_size,
+                     "gradient_accumulation_steps": s.accumulation, "gradient_checkpointing": s.remat,
+                     "seed": s.seed, "sharding": s.placement.strategy.name if s.placement.strategy else None,
+                     "mesh": s.placement.sizes},
+        "summary": {**dataclasses.asdict(summary), "final": str(summary.final),
+                    "devices": {"count": s.placement.mesh.size if s.placement.mesh else 1,
+                                "platform": jax.devices()[0].platform}},
+    }
+
+
+def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] = print) -> Summary:
+    """Run (or resume) the training described by ``settings`` for ``config``."""
+    started = time.perf_counter()
+    s, out = settings, Path(settings.output_dir)
+    writer = jax.process_index() == 0
+    run = _build(s, config, log)
+    _resume(s, run, log)
+    _start_metrics(out, run, writer)
+    empty = run.data.empty_prompt()
+    empty = jax.device_put(empty, s.placement.replicated) if empty is not None and s.objective.text_dropout > 0 else None
+    first = run.step
+    batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
+    compile_begin = time.perf_counter()
+    run.trainer.compile(run.state, run.frozen, batch, empty)
+    compile_s = time.perf_counter() - compile_begin
+    seconds = _loop(s, config, run, batch, empty, writer)
     final = out / "final"
     if writer:
-        final = _write_final(s, config, trainable_host, final)
-        if rows:
-            plot_loss(rows, out / LOSS_CURVE, title)
+        final = _write_final(s, config, {k: ckpt.host_array(v) for k, v in run.state.trainable.items()}, final)
     summary = Summary(
-        steps_run=len(seconds), first_step=first, final_loss=rows[-1]["loss"] if rows else float("nan"),
+        steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
         compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
         total_s=time.perf_counter() - started, final=final,
     )
     if writer:
-        write_json(out / "run.json", {
-            "settings": {"data": str(s.data), "model": s.model, "dtype": str(s.dtype).removeprefix("torch."),
-                         "objective": dataclasses.asdict(s.objective), "optimizer": dataclasses.asdict(s.optimizer),
-                         "lora": dataclasses.asdict(s.lora) if s.lora else None, "batch_size": s.batch_size,
-                         "gradient_accumulation_steps": s.accumulation, "gradient_checkpointing": s.remat,
-                         "seed": s.seed, "sharding": s.layout[0].name if s.layout else None,
-                         "mesh": s.layout[1] if s.layout else None},
-            "summary": {**dataclasses.asdict(summary), "final": str(summary.final),
-                        "devices": {"count": jax.device_count(), "platform": jax.devices()[0].platform}},
-        })
+        write_json(out / "run.json", _run_record(s, summary))
     return summary

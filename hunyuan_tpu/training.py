@@ -18,17 +18,14 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from sharding import Strategy
+from jax.sharding import NamedSharding
 
 from . import lora as lora_lib
 from . import objective as obj
 from . import parallel
 from .attention import Kernel, xla_attention
 from .config import DiTConfig
-from .model import Execution
+from .files import InputError
 from .params import meta_model
 from .runtime import JaxParams, functional, rematerialized, tracing
 
@@ -54,11 +51,11 @@ class OptimizerSettings:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"--optimizer {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
+            raise InputError(f"{{optimizer}} {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"--lr_schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+            raise InputError(f"{{lr_schedule}} {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.learning_rate <= 0 or self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError("need --learning_rate > 0, --max_steps >= 1 and 0 <= --warmup_steps <= --max_steps")
+            raise InputError("need {learning_rate} > 0, {max_steps} >= 1 and 0 <= {warmup_steps} <= {max_steps}")
 
 
 def learning_rate(settings: OptimizerSettings) -> optax.Schedule:
@@ -157,30 +154,22 @@ class Trainer:
         *,
         compute_dtype=jnp.bfloat16,
         lora: lora_lib.LoRASpec | None = None,
-        mesh: Mesh | None = None,
-        strategy: Strategy | None = None,
+        placement: parallel.Placement = parallel.Placement(),
         remat: bool = True,
         micro_batch: int = 1,
         accumulation: int = 1,
         attention: Kernel = xla_attention,
     ):
-        if (mesh is None) != (strategy is None):
-            raise ValueError("give both mesh and strategy, or neither")
         if micro_batch < 1 or accumulation < 1:
-            raise ValueError("--batch_size and --gradient_accumulation_steps must be >= 1")
-        self.config, self.objective = config, objective
-        self.compute_dtype, self.lora, self.mesh, self.strategy = compute_dtype, lora, mesh, strategy
+            raise InputError("{batch_size} and {gradient_accumulation_steps} must be >= 1")
+        self.config, self.objective, self.placement = config, objective, placement
+        self.compute_dtype, self.lora = compute_dtype, lora
         self.micro_batch, self.accumulation, self.attention = micro_batch, accumulation, attention
         self.tx = make_optimizer(optimizer)
         self.schedule = learning_rate(optimizer)
         self.shapes = parallel.param_shapes(config)
-        if mesh is not None:
-            parallel.check_fit(strategy, mesh, config, self.shapes, micro_batch, "training micro-batch (--batch_size)")
-        self.base_shardings = (parallel.param_shardings(strategy, mesh, self.shapes) if mesh is not None
-                               else dict.fromkeys(self.shapes))
-        execution = parallel.execution(strategy, mesh) if mesh is not None else Execution()
-        execution = dataclasses.replace(execution, scope=jax.named_scope,
-                                        checkpoint=rematerialized if remat else execution.checkpoint)
+        execution = dataclasses.replace(placement.execution, scope=jax.named_scope,
+                                        checkpoint=rematerialized if remat else placement.execution.checkpoint)
         model = meta_model(config, execution)
         if lora is not None:
             lora_lib.with_lora(model, dict.fromkeys(lora_lib.target_layers(model, lora), lora.rank), lora.scale)
@@ -189,25 +178,23 @@ class Trainer:
 
     # ---- placement ---------------------------------------------------------------------------
 
-    def _replicated(self) -> NamedSharding | None:
-        return NamedSharding(self.mesh, P()) if self.mesh is not None else None
+    @property
+    def base_shardings(self) -> dict[str, NamedSharding | None]:
+        """Where each of the model's weights lives: the strategy's tables."""
+        return {name: self.placement.param(name) for name in self.shapes}
 
     def trainable_shardings(self, trainable: Mapping[str, Any]) -> dict[str, NamedSharding | None]:
         """Full training: the strategy's tables. LoRA: the adapter is small, so every device holds it."""
         if self.lora is None:
-            return {name: self.base_shardings[name] for name in trainable}
-        return dict.fromkeys(trainable, self._replicated())
-
-    def batch_sharding(self) -> NamedSharding | None:
-        """Samples split over ``dp``; the model's layouts take it from there."""
-        return NamedSharding(self.mesh, P("dp")) if self.mesh is not None else None
+            return {name: self.placement.param(name) for name in trainable}
+        return dict.fromkeys(trainable, self.placement.replicated)
 
     def init_state(self, trainable: Mapping[str, Any]) -> TrainState:
         """Place float32 ``trainable`` values (host or device arrays) and make the optimizer state."""
         shardings = self.trainable_shardings(trainable)
         trainable = {k: jax.device_put(jnp.asarray(v, jnp.float32), shardings[k]) for k, v in trainable.items()}
         opt_shardings = None
-        if self.mesh is not None:
+        if self.placement.mesh is not None:
             opt_shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state(trainable).opt_state)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
         return TrainState(trainable, opt_state)
@@ -219,8 +206,8 @@ class Trainer:
         params = {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32, sharding=shardings[k])
                   for k, v in trainable.items()}
         opt = jax.eval_shape(self.tx.init, params)
-        if self.mesh is not None:
-            placed = state_shardings(opt, params, self._replicated())
+        if self.placement.mesh is not None:
+            placed = state_shardings(opt, params, self.placement.replicated)
             opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt, placed)
         return TrainState(params, opt)
 
@@ -233,7 +220,7 @@ class Trainer:
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host arrays of the whole batch on device, samples split over ``dp``; on several hosts
         each process holds the whole batch and places only its devices' slices."""
-        sharding = self.batch_sharding()
+        sharding = self.placement.batch
         if sharding is None:
             return {k: jax.device_put(v) for k, v in batch.items()}
         return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
@@ -271,11 +258,11 @@ class Trainer:
     def compile(self, state: TrainState, frozen: JaxParams, batch: dict, empty_prompt: dict | None) -> Callable:
         """Trace and compile the step for these placements (once per run); returns it."""
         out_shardings = None
-        if self.mesh is not None:
+        if self.placement.mesh is not None:
             shardings = TrainState(*jax.tree.map(lambda x: x.sharding, tuple(state)))
-            out_shardings = (shardings, self._replicated())
+            out_shardings = (shardings, self.placement.replicated)
         step = jax.jit(self._step, donate_argnums=0, out_shardings=out_shardings, keep_unused=True)
-        with tracing(self.mesh, self.attention):
+        with tracing(self.placement.mesh, self.attention):
             self._compiled = step.lower(state, frozen, batch, empty_prompt, jax.random.key(0)).compile()
         return self._compiled
 
@@ -294,7 +281,7 @@ class Trainer:
         if self.lora is None:
             return {k: v.astype(self.compute_dtype) for k, v in state.trainable.items()}
         merge = functools.partial(lora_lib.merge, scale=self.lora.scale)
-        out_shardings = None if self.mesh is None else {k: v.sharding for k, v in frozen.items()}
+        out_shardings = None if self.placement.mesh is None else {k: v.sharding for k, v in frozen.items()}
         return jax.jit(merge, out_shardings=out_shardings)(frozen, state.trainable)
 
 

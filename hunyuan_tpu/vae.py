@@ -44,11 +44,11 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if self.tile_px < VAE_SPATIAL or self.tile_px % VAE_SPATIAL:
-            raise InputError(f"--tile_size {self.tile_px} must be a positive multiple of {VAE_SPATIAL}")
+            raise InputError(f"{{tile_size}} {self.tile_px} must be a positive multiple of {VAE_SPATIAL}")
         if not 0.0 <= self.overlap < 1.0:
-            raise InputError(f"--tile_overlap {self.overlap} must be in [0, 1)")
+            raise InputError(f"{{tile_overlap}} {self.overlap} must be in [0, 1)")
         if self.stride_latent < 1:
-            raise InputError(f"--tile_size {self.tile_px} with --tile_overlap {self.overlap} leaves no stride")
+            raise InputError(f"{{tile_size}} {self.tile_px} with {{tile_overlap}} {self.overlap} leaves no stride")
 
     @property
     def tile_latent(self) -> int:
@@ -142,7 +142,7 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32) -> VAE:
     official layout (``ckpts/vae`` of tencent/HunyuanVideo-1.5) or the diffusers one."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"--vae {folder}: no such folder")
+        raise InputError(f"{{vae}} {folder}: no such folder")
     config_path, weights_path = folder / "config.json", folder / WEIGHTS_NAME
     kwargs, official = _diffusers_config(read_json(config_path), config_path)
     try:
@@ -171,7 +171,7 @@ def vae_config_latent_channels(folder: str | Path) -> int:
     """Latent channels of a VAE folder, read from its config only (to check before loading)."""
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
-        raise InputError(f"--vae {folder}: no such folder")
+        raise InputError(f"{{vae}} {folder}: no such folder")
     kwargs, _ = _diffusers_config(read_json(path), path)
     return int(kwargs.get("latent_channels", LATENT_CHANNELS))
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+import jax
 
 import stage1_text_encoder as stage1
 import stage2_transformer as stage2
@@ -58,7 +62,7 @@ def stage_args(stage_parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return own
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
     started = time.perf_counter()
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         folder = str(work)
         stage1.run(stage_args(stage1.build_parser(), args, output_dir=folder))
-        stage2.run(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder))
+        stage2.run(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder), devices)
         stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder))
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME,
@@ -84,11 +88,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    parallel.initialize_distributed()  # before anything touches a JAX backend
-    return run(args)
+def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
+    """The command line, in this process: returns the exit code (2 and one line for bad input)."""
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        parallel.initialize_distributed()  # before anything touches a JAX backend
+        return run(args, devices)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

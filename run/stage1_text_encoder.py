@@ -13,6 +13,7 @@ on stderr. Writes embeddings.safetensors and a fresh config.json (run settings +
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -96,11 +97,25 @@ def _canvas(args: argparse.Namespace, config: DiTConfig, image) -> dict:
     return settings
 
 
-def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A stage-1 run's settings, checked before any model is loaded."""
+
+    prompt: str
+    negative_prompt: str
+    task: str
+    model: str
+    config: DiTConfig
+    encoder_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    canvas: dict
+    out_dir: Path
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
+    """The settings, and the i2v image (None for t2v), each value checked."""
     if not args.prompt or not args.prompt.strip():
         raise InputError("--prompt is empty: describe the video")
-    negative = args.negative_prompt or ""
     model_name = args.model or "tiny"
     config = model_config(model_name)
     task = "i2v" if args.image else "t2v"
@@ -121,76 +136,107 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+    settings = Settings(args.prompt, args.negative_prompt or "", task, model_name, config, encoder_dtype, vae_dtype,
+                        canvas, out_dir)
+    return settings, image
 
-    load_begin = time.perf_counter()
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    llm: object
+    byt5: object
+    vision: object | None = None
+    vae: object | None = None
+
+
+def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
+    """The encoders the flags name, or tiny ones with seeded random weights."""
+    config, dtype = s.config, s.encoder_dtype
     if args.text_encoder:
-        llm = te.load_llm(Path(args.text_encoder), encoder_dtype)
+        llm = te.load_llm(Path(args.text_encoder), dtype)
     else:
         _note_tiny("the text encoder (Qwen2.5-VL language model)", "--text_encoder", f"{config.text_states_dim} wide")
-        llm = te.tiny_llm(config.text_states_dim, encoder_dtype)
+        llm = te.tiny_llm(config.text_states_dim, dtype)
     if args.byt5:
-        byt5 = te.load_byt5(Path(args.byt5), encoder_dtype)
+        byt5 = te.load_byt5(Path(args.byt5), dtype)
     else:
         _note_tiny("the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
-        byt5 = te.tiny_byt5(config.byt5_states_dim, encoder_dtype)
-    vision, vae = None, None
-    if task == "i2v":
-        if args.vision_encoder:
-            vision = ic.load_siglip(Path(args.vision_encoder), encoder_dtype)
-        else:
-            _note_tiny("the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
-            vision = ic.tiny_siglip(config.vision_states_dim, encoder_dtype)
-        if args.vae:
-            vae = load_vae(args.vae, vae_dtype)
-        else:
-            _note_tiny("the VAE", "--vae", f"{config.in_channels} latent channels")
-            vae = tiny_vae(config.in_channels, vae_dtype)
-    load_s = time.perf_counter() - load_begin
+        byt5 = te.tiny_byt5(config.byt5_states_dim, dtype)
+    if s.task != "i2v":
+        return Encoders(llm, byt5)
+    if args.vision_encoder:
+        vision = ic.load_siglip(Path(args.vision_encoder), dtype)
+    else:
+        _note_tiny("the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
+        vision = ic.tiny_siglip(config.vision_states_dim, dtype)
+    if args.vae:
+        vae = load_vae(args.vae, s.vae_dtype)
+    else:
+        _note_tiny("the VAE", "--vae", f"{config.in_channels} latent channels")
+        vae = tiny_vae(config.in_channels, s.vae_dtype)
+    return Encoders(llm, byt5, vision, vae)
 
-    encode_begin = time.perf_counter()
-    positive, negative_llm = te.encode_llm(llm, args.prompt), te.encode_llm(llm, negative)
+
+def encode(s: Settings, encoders: Encoders, image) -> tuple[dict[str, torch.Tensor], dict]:
+    """The hand-off tensors (text, and the image for i2v) and what the record says of them."""
+    positive, negative = te.encode_llm(encoders.llm, s.prompt), te.encode_llm(encoders.llm, s.negative_prompt)
     _warn_truncated("prompt", positive, te.LLM_MAX_LENGTH)
-    _warn_truncated("negative prompt", negative_llm, te.LLM_MAX_LENGTH)
-    glyphs = te.encode_byt5(byt5, args.prompt)
+    _warn_truncated("negative prompt", negative, te.LLM_MAX_LENGTH)
+    glyphs = te.encode_byt5(encoders.byt5, s.prompt)
     _warn_truncated("quoted text", glyphs, te.BYT5_MAX_LENGTH)
-    no_glyphs = te.encode_byt5(byt5, "")  # the reference gives the negative side no glyphs
+    no_glyphs = te.encode_byt5(encoders.byt5, "")  # the reference gives the negative side no glyphs
     tensors = {
         "prompt_embeds": positive.states, "prompt_mask": positive.mask,
         "prompt_embeds_2": glyphs.states, "prompt_mask_2": glyphs.mask,
-        "negative_prompt_embeds": negative_llm.states, "negative_prompt_mask": negative_llm.mask,
+        "negative_prompt_embeds": negative.states, "negative_prompt_mask": negative.mask,
         "negative_prompt_embeds_2": no_glyphs.states, "negative_prompt_mask_2": no_glyphs.mask,
     }
-    if task == "i2v":
-        fitted = ic.resize_center_crop(image, canvas["height"], canvas["width"])
-        tensors["vision_states"] = ic.encode_siglip(vision, fitted)
-        tensors["image_cond_latents"] = encode_image(vae, ic.to_pixels(fitted))
-    encode_s = time.perf_counter() - encode_begin
+    if s.task == "i2v":
+        fitted = ic.resize_center_crop(image, s.canvas["height"], s.canvas["width"])
+        tensors["vision_states"] = ic.encode_siglip(encoders.vision, fitted)
+        tensors["image_cond_latents"] = encode_image(encoders.vae, ic.to_pixels(fitted))
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise InputError(f"the encoders produced non-finite values in {', '.join(bad)} (try --encoder_dtype float32)")
+    record = {
+        "prompt_tokens": int(positive.mask.sum()), "negative_prompt_tokens": int(negative.mask.sum()),
+        "glyph_texts": te.glyph_texts(s.prompt), "glyph_tokens": int(glyphs.mask.sum()),
+        "truncated_tokens": positive.dropped_tokens,
+    }
+    return tensors, record
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handoff.write_embeddings(out_dir, {k: v.contiguous() for k, v in tensors.items()})
+
+def run(args: argparse.Namespace) -> int:
+    """Stage 1: check the settings, load the encoders, encode, write embeddings and config.json."""
+    started = time.perf_counter()
+    s, image = resolve_settings(args)
+    load_begin = time.perf_counter()
+    encoders = load_encoders(args, s)
+    load_s = time.perf_counter() - load_begin
+    encode_begin = time.perf_counter()
+    tensors, counts = encode(s, encoders, image)
+    encode_s = time.perf_counter() - encode_begin
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    handoff.write_embeddings(s.out_dir, {k: v.contiguous() for k, v in tensors.items()})
     total_s = time.perf_counter() - started
     record = {
-        "text_encoder": llm.source, "byt5": byt5.source, "vision_encoder": vision.source if vision else None,
-        "encoder_dtype": str(encoder_dtype).removeprefix("torch."),
-        "prompt_tokens": int(positive.mask.sum()), "negative_prompt_tokens": int(negative_llm.mask.sum()),
-        "glyph_texts": te.glyph_texts(args.prompt), "glyph_tokens": int(glyphs.mask.sum()),
-        "truncated_tokens": positive.dropped_tokens,
+        "text_encoder": encoders.llm.source, "byt5": encoders.byt5.source,
+        "vision_encoder": encoders.vision.source if encoders.vision else None,
+        "encoder_dtype": str(s.encoder_dtype).removeprefix("torch."), **counts,
         "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
     }
-    settings = {"prompt": args.prompt, "negative_prompt": negative, "task": task, **canvas, "model": model_name,
-                "vae": args.vae, "vae_dtype": str(vae_dtype).removeprefix("torch."), "stage1": record}
-    handoff.write_config(out_dir, settings)
-    print(f"stage 1: {task}, {record['prompt_tokens']} prompt tokens, {len(record['glyph_texts'])} quoted text(s) | "
-          f"load {load_s:.2f} s, encode {encode_s:.2f} s | total {total_s:.2f} s -> {out_dir / handoff.EMBEDDINGS_NAME}")
+    handoff.write_config(s.out_dir, {
+        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "task": s.task, **s.canvas, "model": s.model,
+        "vae": args.vae, "vae_dtype": str(s.vae_dtype).removeprefix("torch."), "stage1": record})
+    print(f"stage 1: {s.task}, {record['prompt_tokens']} prompt tokens, {len(record['glyph_texts'])} quoted text(s) | "
+          f"load {load_s:.2f} s, encode {encode_s:.2f} s | total {total_s:.2f} s -> {s.out_dir / handoff.EMBEDDINGS_NAME}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """The command line, in this process: returns the exit code (2 and one line for bad input)."""
+    return run_main(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

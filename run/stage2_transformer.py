@@ -10,11 +10,13 @@ by stage 1 or --demo), else the built-in default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -28,7 +30,7 @@ from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
 from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
 from hunyuan_tpu.params import model_params
 from hunyuan_tpu.pipeline import (
-    LATENT_CHANNELS, Denoiser, SamplingSettings, bucket_size, build_conditions, default_sampling,
+    LATENT_CHANNELS, Denoiser, LoopResult, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape,
 )
 from hunyuan_tpu.runtime import jax_dtype
@@ -160,40 +162,58 @@ GENERAL_DEFAULTS = {
 }
 
 
-def write_demo_inputs(folder: Path) -> None:
-    config_path = folder / handoff.CONFIG_NAME
-    if config_path.exists() and not handoff.read_config(folder).get("stage1", {}).get("demo"):
-        raise InputError(f"{config_path}: holds real stage-1 outputs; give --demo another --output_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
-    handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
-    handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of a stage-2 run, resolved: the command line, else the input config.json,
+    else the default. The names are config.json's, which the record repeats."""
+
+    model: str
+    dtype: str
+    task: str
+    resolution: str
+    aspect_ratio: str
+    height: int
+    width: int
+    video_length: int
+    seed: int
+    warmup_steps: int
+    checkpoint_every: int
+    lora: str | None
+    lora_scale: float
+    sharding: str | None
+    mesh: str | None
+    attention: str
+    splash_block_q: int
+    splash_block_kv: int
+    enable_cache: bool
+    cache_start_step: int
+    cache_end_step: int
+    cache_step_interval: int
+    cache_keep_blocks: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.flow_shift)
+
+    @property
+    def cache(self) -> CacheSchedule | None:
+        if not self.enable_cache:
+            return None
+        return CacheSchedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval,
+                             self.cache_keep_blocks)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return latent_shape(self.video_length, self.height, self.width)
 
 
-def fingerprint(settings: dict, embeddings_file: Path) -> str:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    digest.update(embeddings_file.read_bytes())
-    return digest.hexdigest()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    parallel.initialize_distributed()  # before anything touches a JAX backend
-    return run(args)
-
-
-def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    writer = jax.process_index() == 0  # on several hosts, one writes the outputs
-    out_dir = Path(args.output_dir or args.input_dir)
-    if args.demo:
-        write_demo_inputs(out_dir)
-    in_dir = out_dir if args.demo else Path(args.input_dir)
-    stage_config = handoff.read_config(in_dir)
-    source = str(in_dir / handoff.CONFIG_NAME)
-
+def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) -> tuple[Settings, DiTConfig]:
+    """The run's settings and model configuration, each value checked."""
     s = resolve(args, stage_config, GENERAL_DEFAULTS, source)
-    dtype = dtype_of("dtype", s["dtype"])
+    dtype_of("dtype", s["dtype"])
     if s["task"] not in handoff.TASKS:
         raise InputError(f"{source}: task {s['task']!r} is not one of {', '.join(handoff.TASKS)}")
     config = model_config(s["model"])
@@ -205,132 +225,208 @@ def run(args: argparse.Namespace) -> int:
         "guidance_scale": (float, defaults.guidance_scale),
         "flow_shift": (float, defaults.flow_shift),
     }, source))
-    for key in ("num_inference_steps",):
-        if s[key] < 1:
-            raise InputError(f"--{key} must be >= 1, got {s[key]}")
+    if s["num_inference_steps"] < 1:
+        raise InputError(f"--num_inference_steps must be >= 1, got {s['num_inference_steps']}")
     for key in ("warmup_steps", "checkpoint_every"):
         if s[key] < 0:
             raise InputError(f"--{key} must be >= 0, got {s[key]}")
     s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
     bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
     s["height"], s["width"] = s["height"] or bucket_h, s["width"] or bucket_w
-    shape = latent_shape(s["video_length"], s["height"], s["width"])
-    settings = SamplingSettings(s["num_inference_steps"], s["guidance_scale"], s["flow_shift"])
-    cache = None
-    if s["enable_cache"]:
-        cache = CacheSchedule(s["cache_start_step"], s["cache_end_step"], s["cache_step_interval"], s["cache_keep_blocks"])
-        cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
-    embeddings = handoff.read_embeddings(in_dir, task=s["task"], model=config, latent_hw=shape[1:])
-    conditions = build_conditions(embeddings, task=s["task"], shape=shape, cfg=settings.cfg)
-    layout = parallel.choose_layout(s["sharding"], s["mesh"], jax.device_count(), default="tp_fc2_replicated")
-    mesh = strategy = shardings = None
-    if layout is not None:
-        strategy, sizes = layout
-        mesh, shardings = parallel.sharded_layout(config, strategy, sizes, batch=2 if settings.cfg else 1)
-        s["sharding"], s["mesh"] = strategy.name, ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1"
+    settings = Settings(**s)
+    settings.latent_shape  # checks video_length, height and width
+    if settings.cache is not None:
+        settings.cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
+    return settings, config
 
-    try:
-        kernel = attention.kernel(s["attention"], dtype=jax_dtype(dtype), block_q=s["splash_block_q"],
-                                  block_kv=s["splash_block_kv"])
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if args.profiler_steps < 1:
-        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
 
-    # weights before the output folder: a bad checkpoint or adapter leaves nothing behind
+def write_demo_inputs(folder: Path) -> None:
+    config_path = folder / handoff.CONFIG_NAME
+    if config_path.exists() and not handoff.read_config(folder).get("stage1", {}).get("demo"):
+        raise InputError(f"{config_path}: holds real stage-1 outputs; give --demo another --output_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
+    handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
+    handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
+
+
+def fingerprint(settings: Settings, embeddings_file: Path) -> str:
+    """What fixes the run's result: a checkpoint of any other run is refused."""
+    fixed = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("warmup_steps", "checkpoint_every")}
+    digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode())
+    digest.update(embeddings_file.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Stage2:
+    """A built run: the denoiser compiled, the latents to start from, where files go."""
+
+    settings: Settings
+    denoiser: Denoiser
+    latents: np.ndarray
+    start_step: int
+    in_dir: Path
+    out_dir: Path
+    stage_config: dict
+    run_id: str
+    compile_s: float
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+
+def _kernel(s: Settings) -> attention.Kernel:
+    return attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
+                            block_kv=s.splash_block_kv)
+
+
+def _weights(s: Settings, config: DiTConfig, placement: parallel.Placement) -> dict:
+    """The DiT's weights on device, the adapter merged; read before the output folder exists,
+    so that a bad checkpoint or adapter leaves nothing behind."""
     adapter = None
-    if s["lora"]:
-        adapter = load_adapter(s["lora"])
-        check_adapter(adapter, config, s["lora"])
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if not Path(s["model"]).exists():
-        print(f"model {s['model']}: seeded random weights (no checkpoint)", file=sys.stderr)
-    params = model_params(s["model"], config, dtype, shardings)
-    if adapter is not None:
-        params = merge_adapter(params, adapter, s["lora_scale"])
+    if s.lora:
+        adapter = load_adapter(s.lora)
+        check_adapter(adapter, config, s.lora)
+    if not Path(s.model).exists():
+        print(f"model {s.model}: seeded random weights (no checkpoint)", file=sys.stderr)
+    params = model_params(s.model, config, DTYPES[s.dtype], placement.params)
+    return params if adapter is None else merge_adapter(params, adapter, s.lora_scale)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    run_id = fingerprint({k: v for k, v in s.items() if k not in ("warmup_steps", "checkpoint_every")},
-                         in_dir / handoff.EMBEDDINGS_NAME)
-    latents, start_step = initial_noise(s["seed"], shape), 0
-    if args.resume and checkpoint_path.exists():
+
+def _start(s: Settings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
+    """The latents and step to start from: the seed's noise, or a matching checkpoint's."""
+    if resume and checkpoint_path.exists():
         saved, meta = read_safetensors(checkpoint_path)
         if meta.get("run") != run_id:
             raise InputError(f"{checkpoint_path}: saved by a run with other settings or inputs; drop --resume or the file")
-        latents, start_step = saved["latents"].float().numpy(), int(meta["step"])
-        print(f"resuming at step {start_step} of {settings.num_inference_steps}", file=sys.stderr)
-    elif args.resume:
-        print(f"no {checkpoint_path.name} in {out_dir}: starting from step 0", file=sys.stderr)
+        print(f"resuming at step {meta['step']} of {s.num_inference_steps}", file=sys.stderr)
+        return saved["latents"].float().numpy(), int(meta["step"])
+    if resume:
+        print(f"no {checkpoint_path.name} in {checkpoint_path.parent}: starting from step 0", file=sys.stderr)
+    return initial_noise(s.seed, s.latent_shape), 0
 
-    denoiser = Denoiser(config, params, conditions, settings, mesh=mesh, strategy=strategy, attention=kernel,
-                        cache=cache)
-    compile_s = denoiser.compile((1, LATENT_CHANNELS, *shape))
 
-    steps = settings.num_inference_steps
-    warmup_begin = time.perf_counter()
-    warm, streams = denoiser.place(latents), None
-    warm_steps = list(range(min(s["warmup_steps"], steps)))
+def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> Stage2:
+    """Resolve the settings, place the weights and compile the step(s)."""
+    out_dir = Path(args.output_dir or args.input_dir)
+    if args.demo:
+        write_demo_inputs(out_dir)
+    in_dir = out_dir if args.demo else Path(args.input_dir)
+    stage_config = handoff.read_config(in_dir)
+    s, config = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
+    embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:])
+    conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg)
+    placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1,
+                                   devices=devices)
+    s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
+                            mesh=placement.mesh_spec)
+    kernel = _kernel(s)
+    if args.profiler_steps < 1:
+        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+    params = _weights(s, config, placement)
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
+    latents, start_step = _start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
+    denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel, cache=s.cache)
+    compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
+    return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s)
+
+
+def warm_up(run: Stage2, args: argparse.Namespace) -> float:
+    """Untimed steps on a copy of the latents (and the profiler's, if asked); returns seconds."""
+    begin = time.perf_counter()
+    denoiser, steps = run.denoiser, run.settings.num_inference_steps
+    warm, streams = denoiser.place(run.latents), None
+    warm_steps = list(range(min(run.settings.warmup_steps, steps)))
     cached_steps = [i for i in range(steps) if not denoiser.is_full(i)]
     if warm_steps and cached_steps:  # the first run of the cached step's executable is not timed either
         warm_steps.append(cached_steps[0])
     for i in warm_steps:
         warm, streams = denoiser.step(warm, i, streams)
     jax.block_until_ready(warm)
-    warmup_s = time.perf_counter() - warmup_begin
+    seconds = time.perf_counter() - begin
     if args.enable_profiler:  # extra steps on the warm-up copy, so the timed loop stays untraced
-        first = cache.start if cache else 0  # with the cache, a stretch where full and cached steps alternate
+        first = run.settings.cache_start_step if run.settings.enable_cache else 0  # full and cached steps alternate
         with jax.profiler.trace(args.profiler_output_dir):
             for n in range(args.profiler_steps):
                 with jax.profiler.StepTraceAnnotation("denoise", step_num=n):
                     warm, streams = denoiser.step(warm, (first + n) % steps, streams)
                     warm.block_until_ready()
         print(f"profiler: {args.profiler_steps} steps traced to {args.profiler_output_dir}", file=sys.stderr)
+    return seconds
+
+
+def execute(run: Stage2, writer: bool) -> LoopResult:
+    """The timed denoising loop, saving a checkpoint every ``checkpoint_every`` steps."""
+    s, denoiser = run.settings, run.denoiser
 
     def save_checkpoint(step: int, x: jax.Array) -> None:
         # only before a full step: a resumed run needs no feature cache
-        if (writer and s["checkpoint_every"] and step % s["checkpoint_every"] == 0 and step < steps
+        if (writer and s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.num_inference_steps
                 and denoiser.is_full(step)):
-            save_safetensors({"latents": torch.tensor(np.asarray(x))}, checkpoint_path,
-                             metadata={"step": str(step), "run": run_id})
+            save_safetensors({"latents": torch.tensor(np.asarray(x))}, run.checkpoint_path,
+                             metadata={"step": str(step), "run": run.run_id})
 
-    result = denoise(denoiser, latents, start_step, on_step=save_checkpoint, progress=writer)
-    if not writer:
-        return 0
-    handoff.write_latents(out_dir, result.latents)
-    seconds = np.array(result.step_seconds)
-    full = np.array(result.full, bool)
-    steps_run = len(seconds)
-    mean_step_s = float(seconds.mean()) if steps_run else 0.0
-    mean_full_s = float(seconds[full].mean()) if full.any() else 0.0
-    mean_cached_s = float(seconds[~full].mean()) if (~full).any() else 0.0
+    return denoise(denoiser, run.latents, run.start_step, on_step=save_checkpoint, progress=writer)
+
+
+def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, devices: Sequence[jax.Device]) -> None:
+    """Write the latents and the run's record into config.json, and print one summary line."""
+    handoff.write_latents(run.out_dir, result.latents)
+    seconds, full = np.array(result.step_seconds), np.array(result.full, bool)
+    mean = lambda a: float(a.mean()) if a.size else 0.0  # noqa: E731
     total_s = time.perf_counter() - started
-    device = jax.devices()[0]
     record = {
-        **s,
-        "latent_shape": list(shape),
-        "steps": steps_run,
+        **dataclasses.asdict(run.settings),
+        "latent_shape": list(run.settings.latent_shape),
+        "steps": len(seconds),
         "full_steps": int(full.sum()),
         "cached_steps": int((~full).sum()),
-        "mean_full_step_s": round(mean_full_s, 4),
-        "mean_cached_step_s": round(mean_cached_s, 4),
-        "resumed_from_step": start_step,
-        "compile_s": round(compile_s, 3),
+        "mean_full_step_s": round(mean(seconds[full]), 4),
+        "mean_cached_step_s": round(mean(seconds[~full]), 4),
+        "resumed_from_step": run.start_step,
+        "compile_s": round(run.compile_s, 3),
         "warmup_s": round(warmup_s, 3),
-        "mean_step_s": round(mean_step_s, 4),
+        "mean_step_s": round(mean(seconds), 4),
         "total_s": round(total_s, 3),
-        "devices": {"count": jax.device_count(), "platform": device.platform, "kind": device.device_kind},
+        "devices": {"count": len(devices), "platform": devices[0].platform, "kind": devices[0].device_kind},
     }
-    handoff.update_config(out_dir, {**stage_config, "stage2": record})
-    checkpoint_path.unlink(missing_ok=True)
-    cached_part = f", {int((~full).sum())} cached (mean {mean_cached_s:.4f} s)" if cache else ""
-    print(f"stage 2: compile {compile_s:.2f} s | {steps_run} steps, mean {mean_step_s:.4f} s/step: "
-          f"{int(full.sum())} full (mean {mean_full_s:.4f} s){cached_part} | "
-          f"total {total_s:.2f} s -> {out_dir / handoff.LATENTS_NAME}")
+    handoff.update_config(run.out_dir, {**run.stage_config, "stage2": record})
+    run.checkpoint_path.unlink(missing_ok=True)
+    cached_part = f", {int((~full).sum())} cached (mean {mean(seconds[~full]):.4f} s)" if run.settings.enable_cache else ""
+    print(f"stage 2: compile {run.compile_s:.2f} s | {len(seconds)} steps, mean {mean(seconds):.4f} s/step: "
+          f"{int(full.sum())} full (mean {mean(seconds[full]):.4f} s){cached_part} | "
+          f"total {total_s:.2f} s -> {run.out_dir / handoff.LATENTS_NAME}")
+
+
+def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
+    """Stage 2 on ``devices`` (default: all): build, warm up, denoise, report."""
+    started = time.perf_counter()
+    devices = list(jax.devices() if devices is None else devices)
+    writer = jax.process_index() == 0  # on several hosts, one writes the outputs
+    built = build(args, devices)
+    warmup_s = warm_up(built, args)
+    result = execute(built, writer)
+    if writer:
+        report(built, result, warmup_s, started, devices)
     return 0
 
 
+def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
+    """The command line, in this process: returns the exit code (2 and one line for bad input)."""
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        parallel.initialize_distributed()  # before anything touches a JAX backend
+        return run(args, devices)
+
+    return run_main(body)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

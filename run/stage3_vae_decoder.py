@@ -108,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """The command line, in this process: returns the exit code (2 and one line for bad input)."""
+    return run_main(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

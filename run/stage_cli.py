@@ -45,14 +45,21 @@ def resolve(
     return out
 
 
-def run_main(main: Callable[[], int]) -> None:
-    """Run a stage; bad input ends in one line on stderr and exit code 2."""
+def flag(setting: str) -> str:
+    """The command-line flag of a library setting (every flag is the setting's name)."""
+    return f"--{setting}"
+
+
+def run_main(body: Callable[[], int]) -> int:
+    """Run a command's body in this process and return its exit code: bad input (a library
+    error, whose settings are shown as flags, or a bad flag) ends in one line on stderr and 2."""
     try:
-        code = main()
+        return body()
     except InputError as e:
-        sys.stderr.write(f"error: {e}\n")
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+        sys.stderr.write(f"error: {e.render(flag)}\n")
+        return EXIT_BAD_INPUT
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line already written)
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
 
 
 def model_config(name: str) -> DiTConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import jax
 
@@ -117,7 +118,7 @@ def demo_data(folder: Path) -> Path:
     return write_dataset(folder, samples, shard_size=8, empty_prompt=empty)
 
 
-def settings_from(args: argparse.Namespace) -> tuple[RunSettings, DiTConfig]:
+def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> tuple[RunSettings, DiTConfig]:
     if args.data is None and not args.demo:
         raise InputError("--data DIR is required (or --demo for a synthetic set)")
     model = pick(args, "model", "tiny")
@@ -129,34 +130,31 @@ def settings_from(args: argparse.Namespace) -> tuple[RunSettings, DiTConfig]:
     for flag in ("checkpoint_every", "validate_every", "warmup_steps"):
         if pick(args, flag, 0) < 0:
             raise InputError(f"--{flag} must be >= 0")
-    try:
-        objective = Objective(shift=args.train_shift, sampling=args.timestep_sampling,
-                              i2v_prob=pick(args, "i2v_prob", 0.3), text_dropout=pick(args, "text_dropout", 0.0))
-        optimizer = OptimizerSettings(
-            name=args.optimizer, learning_rate=pick(args, "learning_rate", 1e-5), weight_decay=args.weight_decay,
-            schedule=args.lr_schedule, warmup_steps=pick(args, "warmup_steps", 0),
-            total_steps=pick(args, "max_steps", 1000), max_grad_norm=args.max_grad_norm)
-        lora = LoRASpec(args.lora_rank, args.lora_alpha, args.lora_targets) if args.lora else None
-        kernel = attention.kernel(args.attention, dtype=jax_dtype(dtype))
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    layout = parallel.choose_layout(args.sharding, args.mesh, jax.device_count(), default="fsdp")
+    objective = Objective(shift=args.train_shift, sampling=args.timestep_sampling,
+                          i2v_prob=pick(args, "i2v_prob", 0.3), text_dropout=pick(args, "text_dropout", 0.0))
+    optimizer = OptimizerSettings(
+        name=args.optimizer, learning_rate=pick(args, "learning_rate", 1e-5), weight_decay=args.weight_decay,
+        schedule=args.lr_schedule, warmup_steps=pick(args, "warmup_steps", 0),
+        total_steps=pick(args, "max_steps", 1000), max_grad_norm=args.max_grad_norm)
+    lora = LoRASpec(args.lora_rank, args.lora_alpha, args.lora_targets) if args.lora else None
+    kernel = attention.kernel(args.attention, dtype=jax_dtype(dtype))
+    batch_size = pick(args, "batch_size", 1)
+    placement = parallel.placement(config, args.sharding, args.mesh, batch=batch_size,
+                                   batch_name="training micro-batch ({batch_size})", default="fsdp", devices=devices)
     output = Path(args.output_dir)  # the demo's data is written only once every flag is known good
     data = demo_data(output / "demo_data") if args.demo and args.data is None else Path(args.data)
     return RunSettings(
         data=data, output_dir=output, model=model, dtype=dtype,
-        objective=objective, optimizer=optimizer, lora=lora, batch_size=pick(args, "batch_size", 1),
+        objective=objective, optimizer=optimizer, lora=lora, batch_size=batch_size,
         accumulation=args.gradient_accumulation_steps, remat=args.gradient_checkpointing, seed=args.seed,
-        layout=layout, attention=kernel, checkpoint_every=pick(args, "checkpoint_every", 0),
+        placement=placement, attention=kernel, checkpoint_every=pick(args, "checkpoint_every", 0),
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, validate_every=pick(args, "validate_every", 0),
         validation_steps=args.validation_steps,
     ), config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    parallel.initialize_distributed()
-    settings, config = settings_from(args)
+def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
+    settings, config = settings_from(args, devices)
     summary = train(settings, config, log=lambda m: print(m, file=sys.stderr))
     if jax.process_index() == 0:
         print(f"train: compile {summary.compile_s:.2f} s | {summary.steps_run} updates from {summary.first_step}, "
@@ -165,5 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
+    """The command line, in this process: returns the exit code (2 and one line for bad input)."""
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        parallel.initialize_distributed()
+        return run(args, devices)
+
+    return run_main(body)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(main())

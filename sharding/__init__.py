@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from . import fsdp, replicated, sp, tp, tp_fc2_replicated
-from .strategy import ACTIVATIONS, MESH_AXES, Strategy
+from .strategy import (
+    ACTIVATIONS, IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, MESH_AXES, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP, Strategy,
+)
 
 STRATEGIES: dict[str, Strategy] = {
     m.STRATEGY.name: m.STRATEGY for m in (replicated, tp, tp_fc2_replicated, fsdp, sp)
@@ -17,4 +19,7 @@ def get(name: str) -> Strategy:
         raise ValueError(f"unknown sharding strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None
 
 
-__all__ = ["ACTIVATIONS", "MESH_AXES", "STRATEGIES", "Strategy", "get"]
+__all__ = [
+    "ACTIVATIONS", "IMG", "IMG_ATTN", "IMG_HEADS", "IMG_MLP", "MESH_AXES", "STRATEGIES", "TXT", "TXT_ATTN", "TXT_HEADS",
+    "TXT_MLP", "Strategy", "get",
+]

@@ -8,7 +8,7 @@ all-to-all attention as ``sp``: this is sp with ZeRO-3 weights.
 
 from jax.sharding import PartitionSpec as P
 
-from .strategy import Strategy
+from .strategy import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP, Strategy
 
 STRATEGY = Strategy(
     name="fsdp",
@@ -18,10 +18,10 @@ STRATEGY = Strategy(
         (r".*\.weight", P("fsdp")),
     ),
     activations={
-        "img": P("dp", "fsdp"), "txt": P("dp"),
-        "img_heads": P("dp", None, "fsdp"), "txt_heads": P("dp", None, "fsdp"),
-        "img_attn": P("dp", "fsdp"), "txt_attn": P("dp"),
-        "img_mlp": P("dp", "fsdp"), "txt_mlp": P("dp"),
+        IMG: P("dp", "fsdp"), TXT: P("dp"),
+        IMG_HEADS: P("dp", None, "fsdp"), TXT_HEADS: P("dp", None, "fsdp"),
+        IMG_ATTN: P("dp", "fsdp"), TXT_ATTN: P("dp"),
+        IMG_MLP: P("dp", "fsdp"), TXT_MLP: P("dp"),
     },
     axes=("dp", "fsdp"),
     token_axes=("fsdp",),

@@ -8,17 +8,17 @@ text stream (a few hundred tokens) is replicated; its attention output is all-ga
 
 from jax.sharding import PartitionSpec as P
 
-from .strategy import Strategy
+from .strategy import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP, Strategy
 
 STRATEGY = Strategy(
     name="sp",
     description="Ulysses sequence parallel: image tokens split, all-to-all to heads for attention",
     params=(),
     activations={
-        "img": P("dp", "sp"), "txt": P("dp"),
-        "img_heads": P("dp", None, "sp"), "txt_heads": P("dp", None, "sp"),
-        "img_attn": P("dp", "sp"), "txt_attn": P("dp"),
-        "img_mlp": P("dp", "sp"), "txt_mlp": P("dp"),
+        IMG: P("dp", "sp"), TXT: P("dp"),
+        IMG_HEADS: P("dp", None, "sp"), TXT_HEADS: P("dp", None, "sp"),
+        IMG_ATTN: P("dp", "sp"), TXT_ATTN: P("dp"),
+        IMG_MLP: P("dp", "sp"), TXT_MLP: P("dp"),
     },
     axes=("dp", "sp"),
     token_axes=("sp",),

@@ -15,16 +15,22 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("dp", "fsdp", "sp", "tp")
 
-# Activations the model names (hunyuan_tpu.model.Execution), with their shapes.
+# The activations the model names (``hunyuan_tpu.model.Execution.layout``): these constants
+# are the one spelling of each name, used by the model and by every strategy's table.
+IMG, TXT = "img", "txt"
+IMG_HEADS, TXT_HEADS = "img_heads", "txt_heads"
+IMG_ATTN, TXT_ATTN = "img_attn", "txt_attn"
+IMG_MLP, TXT_MLP = "img_mlp", "txt_mlp"
+
 ACTIVATIONS = {
-    "img": "(B, L, C) image residual stream, between blocks",
-    "txt": "(B, S, C) text residual stream, between blocks",
-    "img_heads": "(B, L, N, D) image q, k and v entering attention",
-    "txt_heads": "(B, S, N, D) text q, k and v entering attention",
-    "img_attn": "(B, L, C) image attention output, entering img_attn_proj",
-    "txt_attn": "(B, S, C) text attention output, entering txt_attn_proj",
-    "img_mlp": "(B, L, F) image MLP hidden state, entering img_mlp.fc2",
-    "txt_mlp": "(B, S, F) text MLP hidden state, entering txt_mlp.fc2",
+    IMG: "(B, L, C) image residual stream, between blocks",
+    TXT: "(B, S, C) text residual stream, between blocks",
+    IMG_HEADS: "(B, L, N, D) image q, k and v entering attention",
+    TXT_HEADS: "(B, S, N, D) text q, k and v entering attention",
+    IMG_ATTN: "(B, L, C) image attention output, entering img_attn_proj",
+    TXT_ATTN: "(B, S, C) text attention output, entering txt_attn_proj",
+    IMG_MLP: "(B, L, F) image MLP hidden state, entering img_mlp.fc2",
+    TXT_MLP: "(B, S, F) text MLP hidden state, entering txt_mlp.fc2",
 }
 
 

@@ -8,7 +8,7 @@ are replicated across ``tp``.
 
 from jax.sharding import PartitionSpec as P
 
-from .strategy import Strategy
+from .strategy import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP, Strategy
 
 COLUMN = r"double_blocks\.\d+\.(img|txt)_(attn_[qkv]|mlp\.fc1)"
 ROW = r"double_blocks\.\d+\.(img|txt)_(attn_proj|mlp\.fc2)"
@@ -22,10 +22,10 @@ STRATEGY = Strategy(
         (ROW + r"\.weight", P(None, "tp")),
     ),
     activations={
-        "img": P("dp"), "txt": P("dp"),
-        "img_heads": P("dp", None, "tp"), "txt_heads": P("dp", None, "tp"),
-        "img_attn": P("dp", None, "tp"), "txt_attn": P("dp", None, "tp"),
-        "img_mlp": P("dp", None, "tp"), "txt_mlp": P("dp", None, "tp"),
+        IMG: P("dp"), TXT: P("dp"),
+        IMG_HEADS: P("dp", None, "tp"), TXT_HEADS: P("dp", None, "tp"),
+        IMG_ATTN: P("dp", None, "tp"), TXT_ATTN: P("dp", None, "tp"),
+        IMG_MLP: P("dp", None, "tp"), TXT_MLP: P("dp", None, "tp"),
     },
     axes=("dp", "tp"),
 )

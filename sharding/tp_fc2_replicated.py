@@ -9,7 +9,7 @@ all-reduces per stream and block of Megatron, for the memory of replicated proj/
 
 from jax.sharding import PartitionSpec as P
 
-from .strategy import Strategy
+from .strategy import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP, Strategy
 from .tp import COLUMN
 
 STRATEGY = Strategy(
@@ -20,10 +20,10 @@ STRATEGY = Strategy(
         (COLUMN + r"\.bias", P("tp")),
     ),
     activations={
-        "img": P("dp"), "txt": P("dp"),
-        "img_heads": P("dp", None, "tp"), "txt_heads": P("dp", None, "tp"),
-        "img_attn": P("dp", "tp"), "txt_attn": P("dp", "tp"),
-        "img_mlp": P("dp", "tp"), "txt_mlp": P("dp", "tp"),
+        IMG: P("dp"), TXT: P("dp"),
+        IMG_HEADS: P("dp", None, "tp"), TXT_HEADS: P("dp", None, "tp"),
+        IMG_ATTN: P("dp", "tp"), TXT_ATTN: P("dp", "tp"),
+        IMG_MLP: P("dp", "tp"), TXT_MLP: P("dp", "tp"),
     },
     axes=("dp", "tp"),
 )

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import sharding
 from hunyuan_tpu import attention, parallel, pipeline
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.metrics import rel_l2
@@ -41,10 +40,10 @@ def test_backend_choice():
     assert attention.kernel("auto", platform="cpu") is attention.xla_attention
     assert attention.kernel("auto", platform="gpu") is attention.cudnn_attention
     assert attention.kernel("auto", platform="gpu", dtype=jnp.float32) is attention.xla_attention
-    with pytest.raises(ValueError, match="--attention cudnn needs bfloat16 or float16"):
+    with pytest.raises(ValueError, match="attention cudnn needs bfloat16 or float16"):
         attention.kernel("cudnn", platform="gpu", dtype=jnp.float32)
     assert attention.kernel("xla", platform="tpu") is attention.xla_attention
-    with pytest.raises(ValueError, match="--attention cudnn needs a GPU"):
+    with pytest.raises(ValueError, match="attention cudnn needs a GPU"):
         attention.kernel("cudnn", platform="cpu")
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attention.kernel("flash", platform="cpu")
@@ -68,12 +67,9 @@ def _denoise(kernel, strategy=None, mesh_spec=None):
     emb = {k: v.numpy() for k, v in stage1_embeddings(cfg, latent_hw=SHAPE[1:], seed=2).items()}
     conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True)
     settings = pipeline.SamplingSettings(num_inference_steps=2, guidance_scale=4.0)
-    mesh = shardings = strat = None
-    if strategy:
-        strat = sharding.get(strategy)
-        mesh, shardings = parallel.sharded_layout(cfg, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
-    params = random_params(cfg, torch.float32, seed=1, shardings=shardings)
-    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat, attention=kernel)
+    placement = parallel.placement(cfg, strategy, mesh_spec, batch=2) if strategy else parallel.Placement()
+    params = random_params(cfg, torch.float32, seed=1, shardings=placement.params)
+    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, placement=placement, attention=kernel)
     return denoiser, pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False).latents
 
 

@@ -1,10 +1,9 @@
-"""run/stage1_text_encoder.py, run/stage3_vae_decoder.py and run/generate.py end to end, in
-subprocesses, on the weight-free tiny default."""
+"""run/stage1_text_encoder.py, run/stage3_vae_decoder.py and run/generate.py end to end on the
+weight-free tiny default: the README's first command as a subprocess, the rest in-process."""
 
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,20 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cli_runner
 from hunyuan_tpu import image_condition as ic
 from hunyuan_tpu.vae import encode_image, tiny_vae
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = ROOT / "run"
 PROMPT = 'A neon sign that says "OPEN" flickers at night'
-
-
-def cli(script: str, *args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(RUN / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+cli = cli_runner.call
 
 
 def config(folder: Path) -> dict:
@@ -37,10 +28,10 @@ def config(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> tuple[Path, float, subprocess.CompletedProcess]:
-    """The README's first command: every setting at its default."""
+    """The README's first command, as a user runs it: every setting at its default."""
     folder = tmp_path_factory.mktemp("generate") / "out"
     begin = time.perf_counter()
-    proc = cli("generate.py", "--prompt", PROMPT, "--output_dir", folder)
+    proc = cli_runner.spawn("generate.py", "--prompt", PROMPT, "--output_dir", folder)
     return folder, time.perf_counter() - begin, proc
 
 

@@ -3,11 +3,14 @@ per-device memory that its tables imply."""
 
 import dataclasses
 import functools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
 
 import sharding
 from hunyuan_tpu import hlo, parallel, pipeline
@@ -15,10 +18,10 @@ from hunyuan_tpu.checkpoint import save_transformer
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
-from hunyuan_tpu.model import HunyuanVideo15DiT
+from hunyuan_tpu.model import Execution, HunyuanVideo15DiT
 from hunyuan_tpu.params import checkpoint_params, random_params
 from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.synthetic import stage1_embeddings
+from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings
 
 SHAPE = (3, 4, 7)  # 84 image tokens: not a multiple of 8, so sp=8 and fsdp=8 pad and mask
 STEPS = 3
@@ -29,6 +32,7 @@ MESHES = {  # strategy -> mesh spec over the 8 devices
     "sp": "sp=8",
     "fsdp": "fsdp=8",
 }
+OFFICIAL = json.loads((Path(__file__).parent / "data" / "hunyuanvideo15_official_params.json").read_text())
 COMBINED = [("tp", "dp=2,tp=4"), ("sp", "dp=2,sp=4"), ("tp_fc2_replicated", "dp=2,tp=4")]
 
 
@@ -50,17 +54,16 @@ def run(depth: int, strategy: str | None = None, mesh_spec: str | None = None) -
     emb = {k: v.numpy() for k, v in stage1_embeddings(cfg, latent_hw=SHAPE[1:], seed=1).items()}
     conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True)
     settings = pipeline.SamplingSettings(num_inference_steps=STEPS, guidance_scale=5.0)
-    mesh = strat = shardings = None
+    placement = parallel.Placement()
     if strategy is not None:
-        strat = sharding.get(strategy)
-        mesh, shardings = parallel.sharded_layout(cfg, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
-    params = random_params(cfg, torch.float32, seed=3, shardings=shardings)
-    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, mesh=mesh, strategy=strat)
+        placement = parallel.placement(cfg, strategy, mesh_spec, batch=2)
+    params = random_params(cfg, torch.float32, seed=3, shardings=placement.params)
+    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, placement=placement)
     denoiser.compile((1, 32, *SHAPE))
     compiled = denoiser.compiled
     latents = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False).latents
     return Run(latents, hlo.summary(hlo.collectives(compiled.as_text())),
-               compiled.memory_analysis().argument_size_in_bytes, shardings)
+               compiled.memory_analysis().argument_size_in_bytes, placement.params)
 
 
 @pytest.mark.parametrize("depth", [2, 4])
@@ -175,3 +178,39 @@ def test_every_strategy_is_registered_and_documented():
         assert s.description and set(s.activations) <= set(sharding.ACTIVATIONS)
     with pytest.raises(ValueError, match="unknown sharding strategy 'zz'"):
         sharding.get("zz")
+
+
+def test_model_names_exactly_the_activations_the_tables_know():
+    """The model and the strategies spell activation names with the same constants: the forward
+    asks for every name in ``sharding.ACTIVATIONS`` and for no other."""
+    seen = set()
+
+    def record(x, name):
+        seen.add(name)
+        return x
+
+    cfg = _config(1)
+    model = HunyuanVideo15DiT(cfg, Execution(layout=record))
+    inputs = {k: v for k, v in random_inputs(cfg, batch=1, latent=(1, 2, 2), text_len=4, byt5_len=4).items()}
+    with torch.no_grad():
+        model(**inputs)
+    assert seen == set(sharding.ACTIVATIONS)
+    with pytest.raises(ValueError, match="unknown activation name"):
+        sharding.Strategy(name="x", description="x", params=(), activations={"image": P()}, axes=("dp",))
+
+
+def test_every_rule_matches_and_whole_parameters_are_counted():
+    """No strategy carries a rule that matches none of the released checkpoint's parameters
+    (a misspelt regex would silently leave its layers whole)."""
+    names = list(OFFICIAL["params"])
+    whole = {}
+    for strategy in sharding.STRATEGIES.values():
+        coverage = parallel.coverage(strategy, names)
+        assert coverage.unmatched_rules == (), (strategy.name, coverage.unmatched_rules)
+        assert coverage.total == len(names)
+        whole[strategy.name] = coverage.whole
+    assert whole["replicated"] == whole["sp"] == len(names)
+    assert whole["fsdp"] == sum(not n.endswith(".weight") for n in names)  # every weight is split, biases stay whole
+    assert whole["tp"] < whole["tp_fc2_replicated"] < len(names)
+    broken = dataclasses.replace(sharding.get("tp"), params=((r"double_blocks\.\d+\.img_attn_qq\.weight", P("tp")),))
+    assert parallel.coverage(broken, names).unmatched_rules == (r"double_blocks\.\d+\.img_attn_qq\.weight",)

@@ -1,4 +1,5 @@
-"""run/stage2_transformer.py end to end, in subprocesses, on the weight-free tiny demo."""
+"""run/stage2_transformer.py end to end on the weight-free tiny demo: in-process through main(argv),
+and as a subprocess killed part-way and resumed."""
 
 import json
 import os
@@ -6,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,28 +16,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import cli_runner
 from hunyuan_tpu.checkpoint import save_transformer
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "run" / "stage2_transformer.py"
+SCRIPT = "stage2_transformer.py"
 
 
-def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def stage2(*args, check=True, devices=1):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=_env(devices))
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+def stage2(*args, check=True, devices=1) -> cli_runner.Result:
+    return cli_runner.call(SCRIPT, *args, devices=devices, check=check)
 
 
 def latents(folder: Path) -> np.ndarray:
@@ -118,9 +107,8 @@ def test_kill_and_resume_matches_uninterrupted(demo, tmp_path, cache):
               "--num_inference_steps", 40, "--warmup_steps", 0, *cache]
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, common), "--output_dir", str(interrupted),
-                             "--checkpoint_every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(1))
+    proc = subprocess.Popen(cli_runner.command(SCRIPT, *common, "--output_dir", interrupted, "--checkpoint_every", 1),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_runner.environment())
     checkpoint = interrupted / "stage2_checkpoint.safetensors"
     deadline = time.time() + 120
     while _checkpoint_step(checkpoint) < 3 and proc.poll() is None and time.time() < deadline:

@@ -1,12 +1,10 @@
-"""Training runs end to end: resume after kill -9 (run/train.py in subprocesses), the NaN stop,
-bad input, and a trained LoRA file driving stage 2."""
+"""Training runs end to end: resume after kill -9 (run/train.py as a subprocess), the NaN stop,
+bad input, and a trained LoRA file driving stage 2 (in-process)."""
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli_runner
 from hunyuan_tpu import train_loop
 from hunyuan_tpu.checkpoint import save_transformer
 from hunyuan_tpu.config import DiTConfig
@@ -28,9 +27,8 @@ from hunyuan_tpu.synthetic import training_samples
 from hunyuan_tpu.train_loop import RunSettings
 from hunyuan_tpu.training import OptimizerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "run" / "train.py"
-STAGE2 = ROOT / "run" / "stage2_transformer.py"
+TRAIN = "train.py"
+STAGE2 = "stage2_transformer.py"
 CFG = DiTConfig.preset("tiny")
 ONE_BLOCK = dataclasses.replace(CFG, mm_double_blocks_depth=1)
 # Small and fast: AdamW (Muon's update compiles slower on CPU), float32, 2 samples per update.
@@ -41,10 +39,8 @@ BASE = ["--dtype", "float32", "--optimizer", "adamw", "--learning_rate", "1e-3",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     """One persistent compilation cache for this module's runs: the same step compiles once."""
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return e
+    return cli_runner.environment(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+                                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +57,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def train(env, *args, check=True, script=TRAIN):
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+    """``script`` in-process; ``env`` (the module's compilation cache) is for the subprocess runs."""
+    return cli_runner.call(script, *args, check=check)
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -75,10 +68,10 @@ def metrics(folder: Path) -> list[dict]:
 def test_kill_then_resume_is_bit_identical(env, data, one_block, tmp_path):
     args = [*BASE, "--model", one_block, "--data", data, "--max_steps", 24, "--checkpoint_every", 4,
             "--text_dropout", 0.3]
-    train(env, *args, "--output_dir", tmp_path / "whole")
+    cli_runner.spawn(TRAIN, *args, "--output_dir", tmp_path / "whole", env=env)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *map(str, args), "--output_dir", str(killed)],
+    proc = subprocess.Popen(cli_runner.command(TRAIN, *args, "--output_dir", killed),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "step_000008").exists() and proc.poll() is None and time.time() < deadline:
@@ -87,7 +80,7 @@ def test_kill_then_resume_is_bit_identical(env, data, one_block, tmp_path):
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     assert len(metrics(killed)) >= 8
-    resumed = train(env, *args, "--output_dir", killed, "--resume")
+    resumed = cli_runner.spawn(TRAIN, *args, "--output_dir", killed, "--resume", env=env)
     assert "resuming at update" in resumed.stderr
 
     curve = lambda folder: [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(folder)]  # noqa: E731
@@ -116,7 +109,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
     saved = load_file(str(out / "checkpoints" / last["checkpoint"] / "trainable.safetensors"))
     assert all(np.isfinite(t.numpy()).all() for t in saved.values())
     assert not (out / "final").exists()
-    with pytest.raises(InputError, match="a checkpoint of an earlier run; pass --resume to continue it"):
+    with pytest.raises(InputError, match="a checkpoint of an earlier run; pass resume to continue it"):
         train_loop.train(settings, ONE_BLOCK, log=lambda m: None)
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from jax.ad_checkpoint import print_saved_residuals
 
-import sharding
 from hunyuan_tpu import lora as lora_lib
 from hunyuan_tpu import objective as obj
 from hunyuan_tpu import parallel
@@ -206,12 +205,11 @@ CFG1 = dataclasses.replace(CFG, mm_double_blocks_depth=1)  # one block: the same
 
 @functools.cache
 def one_step(layout: tuple[str, str] | None):
-    strategy = mesh = None
+    placement = parallel.Placement()
     if layout is not None:
-        strategy = sharding.get(layout[0])
-        mesh = parallel.make_mesh(parallel.parse_mesh_spec(layout[1]))
+        placement = parallel.placement(CFG1, layout[0], layout[1], batch=4)
     tr = Trainer(CFG1, obj.Objective(i2v_prob=0.5), OptimizerSettings(name="adamw", learning_rate=1e-3),
-                 compute_dtype=jnp.float32, micro_batch=4, mesh=mesh, strategy=strategy)
+                 compute_dtype=jnp.float32, micro_batch=4, placement=placement)
     state = tr.init_state(random_params(CFG1, torch.float32, seed=5, shardings=tr.base_shardings))
     new_state, metrics = tr.step(state, {}, tr.place_batch(batch()), None, step_key(0, 0))
     return float(metrics["loss"]), {k: np.asarray(v) for k, v in new_state.trainable.items()}, new_state, tr
