@@ -119,7 +119,7 @@ def test_official_buckets_and_defaults():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: pipeline.latent_shape(50, 480, 848), "4k\\+1"),
-    (lambda: pipeline.latent_shape(49, 100, 848), "--height 100 must be a positive multiple of 16"),
+    (lambda: pipeline.latent_shape(49, 100, 848), "^height 100 must be a positive multiple of 16"),
     (lambda: pipeline.bucket_size("480p", "wide"), "aspect_ratio 'wide'"),
     (lambda: pipeline.bucket_size("4k", "16:9"), "resolution '4k'"),
 ])
