@@ -11,6 +11,7 @@ spatial tiles, as the official pipeline does, so that 720p x 121 frames fits in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -56,28 +57,46 @@ DEFAULTS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A stage-3 run's settings, resolved: command line, else the input config.json, else the default."""
+
+    vae: str | None
+    vae_dtype: str
+    backend: str
+    tile_size: int
+    tile_overlap: float
+    fps: int
+
+
+def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) -> tuple[Settings, Tiling | None]:
+    """The settings and the tiling (None with --no_tiling), each value checked."""
+    if "stage2" not in stage_config:
+        raise InputError(f"{source}: no \"stage2\" entry: latents.safetensors is not from this run's stage 2 (run it first)")
+    s = Settings(**resolve(args, stage_config, DEFAULTS, source))
+    dtype_of("--vae_dtype", s.vae_dtype)
+    if s.backend not in BACKENDS:
+        raise InputError(f"--backend {s.backend!r} is not one of {', '.join(BACKENDS)}")
+    if s.fps < 1:
+        raise InputError(f"--fps must be >= 1, got {s.fps}")
+    return s, None if args.no_tiling else Tiling(s.tile_size, s.tile_overlap)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Stage 3: decode the latents, write video.mp4, first_frame.png and the record."""
     started = time.perf_counter()
     in_dir = Path(args.input_dir)
     out_dir = Path(args.output_dir or args.input_dir)
     stage_config = handoff.read_config(in_dir)
-    source = str(in_dir / handoff.CONFIG_NAME)
-    if "stage2" not in stage_config:
-        raise InputError(f"{source}: no \"stage2\" entry: latents.safetensors is not from this run's stage 2 (run it first)")
-    s = resolve(args, stage_config, DEFAULTS, source)
-    vae_dtype = dtype_of("--vae_dtype", s["vae_dtype"])
-    if s["backend"] not in BACKENDS:
-        raise InputError(f"--backend {s['backend']!r} is not one of {', '.join(BACKENDS)}")
-    if s["fps"] < 1:
-        raise InputError(f"--fps must be >= 1, got {s['fps']}")
-    tiling = None if args.no_tiling else Tiling(s["tile_size"], s["tile_overlap"])
+    s, tiling = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
     latents = handoff.read_latents(in_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
 
     load_begin = time.perf_counter()
-    if s["vae"]:
-        vae = load_vae(s["vae"], vae_dtype)
+    vae_dtype = dtype_of("--vae_dtype", s.vae_dtype)
+    if s.vae:
+        vae = load_vae(s.vae, vae_dtype)
     else:
         print(f"stage 3: no --vae: a tiny VAE with seeded random weights ({latents.shape[1]} latent channels)",
               file=sys.stderr)
@@ -85,23 +104,24 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - load_begin
 
     decode_begin = time.perf_counter()
-    frames = to_frames(decode(vae, latents, backend=s["backend"], tiling=tiling))
+    frames = to_frames(decode(vae, latents, backend=s.backend, tiling=tiling))
     decode_s = time.perf_counter() - decode_begin
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_begin = time.perf_counter()
-    write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s["fps"])
+    write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s.fps)
     write_png(out_dir / handoff.FIRST_FRAME_NAME, frames[0])
     write_s = time.perf_counter() - write_begin
     total_s = time.perf_counter() - started
     record = {
-        **s, "vae": vae.source, "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
+        **dataclasses.asdict(s), "vae": vae.source,
+        "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
         "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
         "load_s": round(load_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
-        "total_s": round(total_s, 3), "device": jax.devices()[0].device_kind if s["backend"] == "jax" else "cpu",
+        "total_s": round(total_s, 3), "device": jax.devices()[0].device_kind if s.backend == "jax" else "cpu",
     }
     handoff.update_config(out_dir, {**stage_config, "stage3": record})
-    print(f"stage 3: {record['frames']} frames of {record['width']}x{record['height']} ({s['backend']}) | "
+    print(f"stage 3: {record['frames']} frames of {record['width']}x{record['height']} ({s.backend}) | "
           f"load {load_s:.2f} s, decode {decode_s:.2f} s, write {write_s:.2f} s | total {total_s:.2f} s "
           f"-> {out_dir / handoff.VIDEO_NAME}")
     return 0
