@@ -43,6 +43,7 @@ from .model import HunyuanVideo15DiT
 from .objective import Objective
 from .params import meta_model, model_params
 from .runtime import JaxParams, jax_dtype
+from .scan import stack_blocks
 from .training import OptimizerSettings, Trainer, TrainState, step_key
 
 METRICS = "metrics.jsonl"
@@ -206,7 +207,7 @@ def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] =
         trainable, frozen = base, {}
     else:
         trainable = {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(config), s.lora, s.seed).items()}
-        frozen = base
+        frozen = stack_blocks(base, donate=True)  # once, outside the step (the step would copy them each time)
     state = trainer.init_state(trainable)
     del trainable, base
 
