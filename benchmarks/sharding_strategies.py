@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
+from hunyuan_tpu.model import loop_blocks  # noqa: E402
 from hunyuan_tpu.params import random_params  # noqa: E402
 from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
 from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
@@ -132,8 +133,10 @@ def project(args) -> None:
                                for k, v in host.items()}
         latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=replicated)
         begin = time.perf_counter()
+        # the blocks unrolled (and the weights per layer): XLA's cost analysis, read below,
+        # counts a loop body once, so the scanned step would show one block's FLOPs and bytes
         with tracing(mesh, projection.attention_stand_in):
-            compiled = pipeline.step_function(cfg, settings, dtype, placement=placement).lower(
+            compiled = pipeline.step_function(cfg, settings, dtype, placement=placement, run_blocks=loop_blocks).lower(
                 abstract_params, abstract_conditions, latents, 0).compile()
         compile_s = time.perf_counter() - begin
         cost = compiled.cost_analysis()

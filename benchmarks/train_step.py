@@ -49,6 +49,7 @@ from hunyuan_tpu import objective as obj  # noqa: E402
 from hunyuan_tpu import parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig  # noqa: E402
 from hunyuan_tpu.params import meta_model, random_params  # noqa: E402
+from hunyuan_tpu.scan import stack_blocks, stacked_abstract  # noqa: E402
 from hunyuan_tpu.synthetic import training_samples  # noqa: E402
 from hunyuan_tpu.training import OptimizerSettings, Trainer, step_key  # noqa: E402
 
@@ -87,7 +88,7 @@ def measure_cpu(args) -> None:
                      compute_dtype=jnp.float32, remat=remat, micro_batch=args.batch)
         base = random_params(cfg, torch.float32, seed=0)
         trainable, frozen = (base, {}) if spec is None else (
-            {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(cfg), spec, 0).items()}, base)
+            {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(cfg), spec, 0).items()}, stack_blocks(base))
         state = tr.init_state(trainable)
         batch = tr.place_batch(samples)
         begin = time.perf_counter()
@@ -112,7 +113,7 @@ def compile_one_block(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh
     tr = Trainer(one, obj.Objective(), OptimizerSettings(name=optimizer), compute_dtype=jnp.float32, lora=spec,
                  placement=placement, remat=True, micro_batch=1, attention=projection.attention_stand_in)
     base = abstract_params(one, tr.base_shardings)
-    trainable, frozen = (base, {}) if spec is None else (adapter_shapes(one, spec), base)
+    trainable, frozen = (base, {}) if spec is None else (adapter_shapes(one, spec), stacked_abstract(base))
     batch = {
         "latents": (1, 32, *shape), "prompt_embeds": (1, text, cfg.text_states_dim), "prompt_mask": (1, text),
         "prompt_embeds_2": (1, byt5, cfg.byt5_states_dim), "prompt_mask_2": (1, byt5),

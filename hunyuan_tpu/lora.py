@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import torch
 import torch.nn as nn
 
+from . import scan
 from .config import DiTConfig
 from .files import InputError, read_safetensors, save_safetensors
 from .naming import official_module
@@ -242,6 +243,8 @@ def merge(params: Mapping[str, jax.Array], lora: Mapping[str, jax.Array], scale:
 
     ``lora`` maps ``<module>.lora_A.weight`` / ``lora_B.weight`` to arrays; ``scale`` is
     alpha / r times any user multiplier. Traceable: the training step merges for validation.
+    ``params`` may hold the double blocks stacked by layer (``hunyuan_tpu.scan``); an adapted
+    layer then updates its row of the stack.
     """
     merged = dict(params)
     for key in lora:
@@ -250,8 +253,13 @@ def merge(params: Mapping[str, jax.Array], lora: Mapping[str, jax.Array], scale:
             continue
         name = m.group("module") + ".weight"
         a, b = lora[key], lora[m.group("module") + ".lora_B.weight"]
-        delta = jnp.matmul(b.astype(jnp.float32), a.astype(jnp.float32))
-        merged[name] = (params[name].astype(jnp.float32) + scale * delta).astype(params[name].dtype)
+        delta = scale * jnp.matmul(b.astype(jnp.float32), a.astype(jnp.float32))
+        if name in merged:
+            merged[name] = (merged[name].astype(jnp.float32) + delta).astype(merged[name].dtype)
+        else:
+            stacked, layer = scan.split_layer(name)
+            w = merged[stacked]
+            merged[stacked] = w.at[layer].set((w[layer].astype(jnp.float32) + delta).astype(w.dtype))
     return merged
 
 

@@ -27,6 +27,13 @@ from .config import DiTConfig
 Rope = tuple[torch.Tensor, torch.Tensor]
 Streams = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, C), txt (B, S, C)) between two blocks
 Layout = Callable[[torch.Tensor, str], torch.Tensor]
+Scope = Callable[[str], contextlib.AbstractContextManager]
+# run_block(block, img, txt) -> (img, txt): one double block on the streams, with this forward's
+# timestep embedding, RoPE, key mask, layout and checkpoint; ``block`` is a DoubleStreamBlock or
+# anything called like one.
+BlockCall = Callable[[Callable[..., Streams], torch.Tensor, torch.Tensor], Streams]
+# runner(blocks, span, streams, run_block, scope) -> streams after blocks[i] for i in span, in order.
+BlockRunner = Callable[[nn.ModuleList, range, Streams, BlockCall, Scope], Streams]
 
 
 def keep_layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -41,6 +48,15 @@ def no_checkpoint(fn: Callable) -> Callable:
     return fn
 
 
+def loop_blocks(blocks: nn.ModuleList, span: range, streams: Streams, run_block: BlockCall, scope: Scope) -> Streams:
+    """The default block runner: one Python call per block, each in its own scope
+    ("double_block_<i>"). Under ``jax.jit`` this unrolls a copy of the block per layer."""
+    for i in span:
+        with scope(f"double_block_{i}"):
+            streams = run_block(blocks[i], *streams)
+    return streams
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How a forward is placed on devices. The defaults run the model as plain PyTorch.
@@ -49,16 +65,21 @@ class Execution:
     placement (the names and their shapes: ``sharding.ACTIVATIONS``). ``token_multiple``
     pads the image tokens to a multiple of itself; padded tokens are masked keys and are
     dropped before the output, so they never change the result. ``scope(name)`` names a phase
-    ("embed", "blocks", "double_block_<i>", "final_layer") for profiler traces.
+    ("embed", "blocks", "double_block_<i>", "final_layer") for profiler traces (the block
+    runner names the blocks' scopes).
     ``checkpoint(fn)`` wraps each double block's call (tensors in, tensors out); a trainer
     passes a rematerialising wrapper so that a block's activations are recomputed in the
-    backward pass instead of kept.
+    backward pass instead of kept. ``run_blocks`` runs a range of double blocks (see
+    ``BlockRunner``); the default is a Python loop, a JAX runtime substitutes one loop whose
+    body is a single block (``hunyuan_tpu.scan.scanned_blocks``) so that a jitted step holds
+    one copy of the block however deep the model.
     """
 
     layout: Layout = keep_layout
     token_multiple: int = 1
-    scope: Callable[[str], contextlib.AbstractContextManager] = no_scope
+    scope: Scope = no_scope
     checkpoint: Callable[[Callable], Callable] = no_checkpoint
+    run_blocks: BlockRunner = loop_blocks
 
 
 # ---- functional pieces -----------------------------------------------------------------------
@@ -479,14 +500,17 @@ class HunyuanVideo15DiT(nn.Module):
             image_mask = torch.arange(tokens + padding, device=x.device) < tokens
             key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
-        first = 0 if streams is None else split
+        def run_block(block: Callable[..., Streams], img: torch.Tensor, txt: torch.Tensor) -> Streams:
+            return self.execution.checkpoint(functools.partial(block, layout=layout))(img, txt, vec, rope, key_mask)
+
+        depth, run_blocks = len(self.double_blocks), self.execution.run_blocks
         with scope("blocks"):
-            for i in range(first, len(self.double_blocks)):
-                if i == split:
-                    saved = img, txt
-                with scope(f"double_block_{i}"):
-                    block = functools.partial(self.double_blocks[i], layout=layout)
-                    img, txt = self.execution.checkpoint(block)(img, txt, vec, rope, key_mask)
+            if split is not None and streams is None:  # a full step of the cache: stop at split to save the streams
+                img, txt = saved = run_blocks(self.double_blocks, range(split), (img, txt), run_block, scope)
+                img, txt = run_blocks(self.double_blocks, range(split, depth), saved, run_block, scope)
+            else:
+                first = 0 if streams is None else split
+                img, txt = run_blocks(self.double_blocks, range(first, depth), (img, txt), run_block, scope)
         with scope("final_layer"):
             velocity = unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
         return (velocity, saved) if split is not None and streams is None else velocity

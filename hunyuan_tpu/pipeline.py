@@ -25,10 +25,11 @@ from .attention import Kernel, xla_attention
 from .cache import CacheSchedule
 from .config import DiTConfig
 from .files import InputError
-from .model import Streams
+from .model import BlockRunner, Streams
 from .parallel import Placement
 from .params import meta_model
 from .runtime import JaxParams, functional, tracing
+from .scan import scanned_blocks, stack_blocks
 
 LATENT_CHANNELS = 32
 VAE_TEMPORAL, VAE_SPATIAL = 4, 16
@@ -198,6 +199,7 @@ def step_function(
     placement: Placement = Placement(),
     split: int | None = None,
     cached: bool = False,
+    run_blocks: BlockRunner = scanned_blocks,
 ) -> Callable:
     """The jitted step for ``config``, laid out by ``placement``.
 
@@ -205,11 +207,14 @@ def step_function(
     one executable; the latents buffer is donated. With ``split`` it is the feature cache's
     full step (``cached`` False: also returns the streams, laid out like the model's residual
     streams) or cached step (``cached`` True: takes them, and leaves them for the next one).
+    ``run_blocks``: the double blocks as one loop, weights stacked by layer (``scan``) or, at a
+    copy per step, per layer; ``model.loop_blocks`` unrolls them (per-layer weights only).
     """
     if cached and split is None:
         raise ValueError("a cached step needs the split its streams were saved at")
-    # named scopes make the profiler trace read embed / blocks / double_block_i / final_layer
-    model = meta_model(config, dataclasses.replace(placement.execution, scope=jax.named_scope))
+    # named scopes make the profiler trace read embed / blocks / double_blocks_<first>_to_<last> / final_layer
+    execution = dataclasses.replace(placement.execution, scope=jax.named_scope, run_blocks=run_blocks)
+    model = meta_model(config, execution)
     step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype, split=split)
     out_shardings = placement.replicated
     if placement.mesh is not None and split is not None and not cached:
@@ -226,6 +231,8 @@ class Denoiser:
     dtype; the step's activations follow the placement's layouts.
     With a ``cache`` schedule there are two executables, the full step and the cached step,
     and ``step`` picks by the step index; the streams between them stay on device.
+    Per-layer weights are stacked by layer here, once (a copy: a caller done with its
+    per-layer arrays passes ``scan.stack_blocks(params, donate=True)`` to keep one copy).
     """
 
     def __init__(
@@ -239,8 +246,8 @@ class Denoiser:
         attention: Kernel = xla_attention,
         cache: CacheSchedule | None = None,
     ):
-        self.settings, self.placement, self.params, self.attention, self.cache = (
-            settings, placement, params, attention, cache)
+        self.settings, self.placement, self.attention, self.cache = settings, placement, attention, cache
+        self.params = stack_blocks(params)
         dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
         self.latents_sharding = placement.replicated
         self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
@@ -255,7 +262,7 @@ class Denoiser:
     def use_params(self, params: JaxParams) -> None:
         """Denoise with other weights of the same dtypes and placement (a trainer's validation
         after each round of updates); the compiled step(s) are reused."""
-        self.params = params
+        self.params = stack_blocks(params)
 
     @property
     def num_steps(self) -> int:

@@ -24,6 +24,7 @@ from torchax import interop
 from torchax.ops import mappings
 from torchax.tensor import Environment
 
+from . import scan
 from .attention import Kernel, on_mesh, xla_attention
 
 JaxParams = dict[str, jax.Array]
@@ -97,12 +98,15 @@ def functional(module: torch.nn.Module) -> Callable[..., Any]:
     ``params`` maps parameter names to jax arrays and replaces the module's own tensors, so the
     module may live on the meta device. Arguments and results are jax arrays; the function
     traces cleanly under ``jax.jit`` and runs through torchax with this package's overrides.
+    Double-block weights may come stacked by layer (``hunyuan_tpu.scan`` names); they go to the
+    model's block runner (``scan.scanned_blocks``) for the duration of the call.
     """
     env = torchax_env()
 
     def apply(params: JaxParams, *args, **kwargs):
+        params, stacked = scan.split_stacked(params)
         params, args, kwargs = env.j2t_iso((params, args, kwargs))
-        with env:
+        with env, scan.stacked_weights(stacked):
             out = torch.func.functional_call(module, params, args, kwargs)
         return env.t2j_iso(out)
 

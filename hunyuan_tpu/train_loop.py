@@ -41,6 +41,7 @@ from .objective import Objective
 from .parallel import Placement
 from .params import meta_model, model_params
 from .runtime import JaxParams, jax_dtype
+from .scan import stack_blocks
 from .training import OptimizerSettings, Trainer, TrainState, step_key
 
 METRICS = "metrics.jsonl"
@@ -212,7 +213,7 @@ def _build(s: RunSettings, config: DiTConfig, log: Callable[[str], None]) -> _Se
         trainable, frozen = base, {}
     else:
         trainable = {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(config), s.lora, s.seed).items()}
-        frozen = base
+        frozen = stack_blocks(base, donate=True)  # once, outside the step (the step would copy them each time)
     return _Session(data, order, trainer, trainer.init_state(trainable), frozen, s.fingerprint(data))
 
 

@@ -28,6 +28,7 @@ from .config import DiTConfig
 from .files import InputError
 from .params import meta_model
 from .runtime import JaxParams, functional, rematerialized, tracing
+from .scan import scanned_blocks, stack_blocks
 
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -168,7 +169,7 @@ class Trainer:
         self.tx = make_optimizer(optimizer)
         self.schedule = learning_rate(optimizer)
         self.shapes = parallel.param_shapes(config)
-        execution = dataclasses.replace(placement.execution, scope=jax.named_scope,
+        execution = dataclasses.replace(placement.execution, scope=jax.named_scope, run_blocks=scanned_blocks,
                                         checkpoint=rematerialized if remat else placement.execution.checkpoint)
         model = meta_model(config, execution)
         if lora is not None:
@@ -278,8 +279,8 @@ class Trainer:
     def inference_params(self, state: TrainState, frozen: JaxParams) -> JaxParams:
         """The model's weights after training, in the compute dtype and placed as the strategy
         says: the trained weights, or the frozen base with the adapter merged."""
-        if self.lora is None:
-            return {k: v.astype(self.compute_dtype) for k, v in state.trainable.items()}
+        if self.lora is None:  # stacked by layer (as the denoiser takes them) in the cast's copy
+            return stack_blocks(state.trainable, dtype=self.compute_dtype)
         merge = functools.partial(lora_lib.merge, scale=self.lora.scale)
         out_shardings = None if self.placement.mesh is None else {k: v.sharding for k, v in frozen.items()}
         return jax.jit(merge, out_shardings=out_shardings)(frozen, state.trainable)

@@ -34,6 +34,7 @@ from hunyuan_tpu.pipeline import (
     denoise, initial_noise, latent_shape,
 )
 from hunyuan_tpu.runtime import jax_dtype
+from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, resolve, run_main
 
@@ -332,6 +333,8 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
     latents, start_step = _start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
+    # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
+    params = stack_blocks(params, donate=True)
     denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel, cache=s.cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
     return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s)

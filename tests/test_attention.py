@@ -84,6 +84,6 @@ def test_model_with_splash_matches_xla_on_one_and_eight_devices():
 def test_trace_names_the_phases():
     denoiser, _ = _denoise(attention.xla_attention)
     scopes = set(re.findall(r'op_name="jit\(step\)/([\w/]+)', denoiser.compiled.as_text()))
-    for phase in ("dit/embed", "dit/blocks/double_block_0", "dit/blocks/double_block_1", "dit/final_layer",
-                  "scheduler"):
+    for phase in ("dit/embed", "dit/blocks/double_blocks_0_to_1/while/body", "dit/final_layer", "scheduler"):
         assert any(s.startswith(phase) for s in scopes), (phase, sorted(scopes)[:20])
+    assert any(s.startswith("dit/blocks/double_blocks_0_to_1/while/body") and "/double_block/" in s for s in scopes)

@@ -78,7 +78,7 @@ def test_compiled_once_for_five_steps(task):
 
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
+            compiles.append(kwargs.get("fun_name"))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -88,7 +88,8 @@ def test_compiled_once_for_five_steps(task):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert len(result.step_seconds) == 5
-    assert len(compiles) == 1
+    # the step, once; besides it only the one-time stacking of the block weights by layer
+    assert compiles.count("jit(step)") == 1 and set(compiles) <= {"jit(step)", "jit(_stack)"}
     assert result.latents.dtype == np.float32 and np.isfinite(result.latents).all()
 
 

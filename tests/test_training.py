@@ -128,10 +128,12 @@ def test_gradients_match_eager_pytorch_autograd():
 
 def test_remat_keeps_only_the_blocks_inputs():
     """Without remat the backward pass keeps each block's (B, L, F) MLP activations; with it,
-    nothing of the MLP's width is kept."""
+    nothing of the MLP's width is kept. (The blocks run as a scan: what a block keeps is kept
+    stacked over the blocks, with a leading layer axis.)"""
     params = random_params(CFG, torch.float32, seed=5)
     b = {k: jnp.asarray(v) for k, v in batch().items()}
-    mlp_hidden = {(4, 72, CFG.mlp_hidden_dim), (4 * 72, CFG.mlp_hidden_dim)}  # 72 = 3 x 4 x 6 image tokens
+    depth, width = CFG.mm_double_blocks_depth, CFG.mlp_hidden_dim
+    mlp_hidden = {(depth, 4, 72, width), (depth, 4 * 72, width)}  # 72 = 3 x 4 x 6 image tokens
 
     def kept(remat: bool) -> set:
         out = io.StringIO()
