@@ -14,7 +14,9 @@ scan) and the scanned runner (``scan.scanned_blocks``: one loop over weights sta
 Columns: lowering = tracing to StableHLO (s); compile = XLA (s); StableHLO = characters of
 ``lowered.as_text()``; HLO = characters of the optimized module's text and its instruction
 count; matmul TFLOP = the compiled program's dot FLOPs with every loop iteration counted
-(``hlo.dot_flops``; both runners should do the same work).
+(``hlo.dot_flops``; both runners should do the same work); args / temp GB = XLA's memory
+analysis per device, float32 (the same weights either way; temp shows that the scan copies
+no weights).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import sharding  # noqa: E402
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig  # noqa: E402
 from hunyuan_tpu.model import loop_blocks  # noqa: E402
@@ -54,6 +55,8 @@ class Measure:
     hlo_chars: int
     hlo_instructions: int
     matmul_tflop: float
+    args_gb: float
+    temp_gb: float
 
 
 def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) -> dict[str, np.ndarray]:
@@ -66,37 +69,32 @@ def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) ->
 
 
 def abstract_step_inputs(cfg: DiTConfig, layout, runner, shape, host: dict[str, np.ndarray]):
-    """(mesh, strategy, params, conditions, latents) as shapes: per-layer weights for the loop,
+    """(placement, params, conditions, latents) as shapes: per-layer weights for the loop,
     stacked by layer for the scan, placed by the strategy's tables on a mesh."""
-    shapes = parallel.param_shapes(cfg)
-    mesh = strategy = None
-    shardings = dict.fromkeys(shapes)
-    if layout is not None:
-        strategy = sharding.get(layout[0])
-        mesh, shardings = parallel.sharded_layout(cfg, strategy, parallel.parse_mesh_spec(layout[1]), batch=2)
-    params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=shardings[k]) for k, s in shapes.items()}
+    placement = parallel.Placement() if layout is None else parallel.placement(cfg, *layout, batch=2)
+    params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=placement.param(k))
+              for k, s in parallel.param_shapes(cfg).items()}
     if runner is scanned_blocks:
         params = stacked_abstract(params)
-    replicated = pipeline.replicated(mesh)
-    conditions = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
+    conditions = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.replicated)
                   for k, v in host.items()}
-    latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=replicated)
-    return mesh, strategy, params, conditions, latents
+    latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=placement.replicated)
+    return placement, params, conditions, latents
 
 
 def measure(cfg: DiTConfig, layout, runner, shape, host, settings) -> Measure:
-    mesh, strategy, params, conditions, latents = abstract_step_inputs(cfg, layout, runner, shape, host)
-    step = pipeline.step_function(cfg, settings, jnp.float32, mesh=mesh, strategy=strategy, run_blocks=runner)
-    with tracing(mesh, projection.attention_stand_in):
+    placement, params, conditions, latents = abstract_step_inputs(cfg, layout, runner, shape, host)
+    step = pipeline.step_function(cfg, settings, jnp.float32, placement=placement, run_blocks=runner)
+    with tracing(placement.mesh, projection.attention_stand_in):
         begin = time.perf_counter()
         lowered = step.lower(params, conditions, latents, 0)
         lower_s = time.perf_counter() - begin
         begin = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - begin
-    text = compiled.as_text()
+    text, memory = compiled.as_text(), compiled.memory_analysis()
     return Measure(lower_s, compile_s, len(lowered.as_text()), len(text), len(_INSTRUCTION.findall(text)),
-                   hlo.dot_flops(text) / 1e12)
+                   hlo.dot_flops(text) / 1e12, memory.argument_size_in_bytes / 1e9, memory.temp_size_in_bytes / 1e9)
 
 
 def main() -> None:
@@ -122,16 +120,16 @@ def main() -> None:
           f"{jax.device_count()} virtual CPU devices on {os.cpu_count()} cores ({platform.machine()}), "
           f"jax {jax.__version__}\n")
     print("| layout | blocks | runner | lowering s | compile s | StableHLO chars | HLO chars | HLO instructions | "
-          "matmul TFLOP |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "matmul TFLOP | args GB | temp GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for layout_name in args.layout:
         for depth in args.depth or [preset.mm_double_blocks_depth]:
             cfg = dataclasses.replace(preset, mm_double_blocks_depth=depth)
             for runner_name in args.runner:
                 m = measure(cfg, LAYOUTS[layout_name], RUNNERS[runner_name], shape, host, settings)
                 print(f"| {layout_name} | {depth} | {runner_name} | {m.lower_s:.1f} | {m.compile_s:.1f} | "
-                      f"{m.stablehlo_chars:,} | {m.hlo_chars:,} | {m.hlo_instructions:,} | {m.matmul_tflop:.1f} |",
-                      flush=True)
+                      f"{m.stablehlo_chars:,} | {m.hlo_chars:,} | {m.hlo_instructions:,} | {m.matmul_tflop:.1f} | "
+                      f"{m.args_gb:.1f} | {m.temp_gb:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

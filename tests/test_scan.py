@@ -15,10 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import sharding
 from hunyuan_tpu import hlo, lora, parallel, scan
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.metrics import rel_l2
@@ -80,11 +78,10 @@ def test_cache_steps_equal_the_loop(split):
 
 @pytest.mark.parametrize("strategy,mesh_spec", [("tp_fc2_replicated", "tp=8"), ("fsdp", "fsdp=8")])
 def test_scan_on_a_mesh_equals_the_loop(strategy, mesh_spec):
-    strat = sharding.get(strategy)
-    mesh, shardings = parallel.sharded_layout(CFG, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
-    placed = random_params(CFG, torch.float32, seed=3, shardings=shardings)
-    execution = parallel.execution(strat, mesh)
-    x = jax.device_put(inputs(), NamedSharding(mesh, P()))
+    placement = parallel.placement(CFG, strategy, mesh_spec, batch=2)
+    mesh, execution = placement.mesh, placement.execution
+    placed = random_params(CFG, torch.float32, seed=3, shardings=placement.params)
+    x = jax.device_put(inputs(), placement.replicated)
     with tracing(mesh):
         expected = jax.jit(apply(loop_blocks, execution))(placed, **x)
         got = jax.jit(apply(scan.scanned_blocks, execution))(scan.stack_blocks(placed), **x)
@@ -210,8 +207,7 @@ def test_names():
 
 @pytest.mark.parametrize("strategy,mesh_spec", [("tp_fc2_replicated", "tp=8"), ("fsdp", "fsdp=8")])
 def test_stacked_weights_keep_each_layers_placement(strategy, mesh_spec):
-    strat = sharding.get(strategy)
-    _, shardings = parallel.sharded_layout(CFG, strat, parallel.parse_mesh_spec(mesh_spec), batch=2)
+    shardings = parallel.placement(CFG, strategy, mesh_spec, batch=2).params
     placed = random_params(CFG, torch.float32, seed=3, shardings=shardings)
     host = {k: np.asarray(v) for k, v in placed.items()}
     expected = scan.stacked_shardings(shardings)
