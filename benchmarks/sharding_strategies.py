@@ -2,6 +2,7 @@
 
     python benchmarks/sharding_strategies.py                 # measured on 8 virtual CPU devices
     python benchmarks/sharding_strategies.py --project v6e-8 --preset 720p_t2v --frames 121
+    python benchmarks/sharding_strategies.py --coverage      # each table's rules over the parameters
 
 The first mode runs a small model on this machine's CPU split into 8 devices (so absolute
 times mean little; the collectives and memory are what each strategy implies). The second
@@ -37,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import sharding  # noqa: E402
 from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
 from hunyuan_tpu.model import loop_blocks  # noqa: E402
@@ -167,6 +169,19 @@ def project(args) -> None:
               f"TFLOP, attention {attention / 1e12:.1f} TFLOP per chip -->", flush=True)
 
 
+def report_coverage(args) -> None:
+    """Per strategy: the rules of its table that match no parameter, and what it leaves whole."""
+    shapes = parallel.param_shapes(DiTConfig.preset(args.preset))
+    print(f"{args.preset}: {len(shapes)} parameters, {sum(math.prod(s) for s in shapes.values()):,} values\n")
+    print("| strategy | rules | rules matching nothing | parameters left whole | their values |")
+    print("| --- | --- | --- | --- | --- |")
+    for strategy in sharding.STRATEGIES.values():
+        cover = parallel.coverage(strategy, shapes)
+        whole = sum(math.prod(s) for name, s in shapes.items() if all(a is None for a in parallel.param_spec(strategy, name)))
+        print(f"| {strategy.name} | {len(strategy.params)} | {', '.join(cover.unmatched_rules) or 'none'} | "
+              f"{cover.whole} of {cover.total} | {whole:,} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=4, help="CPU mode: double blocks (default: %(default)s)")
@@ -180,8 +195,13 @@ def main() -> None:
     p.add_argument("--aspect_ratio", default="16:9", help="projection: bucket (default: %(default)s)")
     p.add_argument("--text_tokens", type=int, default=256, help="projection: LLM text slots after trimming")
     p.add_argument("--byt5_tokens", type=int, default=64, help="projection: ByT5 slots after trimming")
+    p.add_argument("--coverage", action="store_true", help="report each strategy's table over the --preset's "
+                   "parameters: rules that match nothing, parameters left whole")
     args = p.parse_args()
-    project(args) if args.project else measure_cpu(args)
+    if args.coverage:
+        report_coverage(args)
+    else:
+        project(args) if args.project else measure_cpu(args)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,14 @@ def choose_layout(
     return strategy, dict(sizes) if sizes else default_mesh_sizes(strategy, device_count)
 
 
+def _rule(strategy: Strategy, name: str) -> tuple[str, P] | None:
+    """The first (regex, spec) of ``strategy``'s table that matches all of ``name``."""
+    return next(((pattern, spec) for pattern, spec in strategy.params if re.fullmatch(pattern, name)), None)
+
+
 def param_spec(strategy: Strategy, name: str) -> P:
-    for pattern, spec in strategy.params:
-        if re.fullmatch(pattern, name):
-            return spec
-    return P()
+    rule = _rule(strategy, name)
+    return P() if rule is None else rule[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,17 +104,10 @@ class Coverage:
 
 def coverage(strategy: Strategy, names: Iterable[str]) -> Coverage:
     """Which of ``strategy``'s rules match none of ``names``, and how many names no rule splits."""
-    names = list(names)
-    used = {pattern: False for pattern, _ in strategy.params}
-    whole = 0
-    for name in names:
-        spec = P()
-        for pattern, rule_spec in strategy.params:
-            if re.fullmatch(pattern, name):
-                used[pattern], spec = True, rule_spec
-                break
-        whole += all(axes is None for axes in spec)
-    return Coverage(tuple(p for p, hit in used.items() if not hit), whole, len(names))
+    rules = [_rule(strategy, name) for name in names]
+    hit = {rule[0] for rule in rules if rule is not None}
+    whole = sum(rule is None or all(axes is None for axes in rule[1]) for rule in rules)
+    return Coverage(tuple(p for p, _ in strategy.params if p not in hit), whole, len(rules))
 
 
 def param_shardings(strategy: Strategy, mesh: Mesh, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, NamedSharding]:
@@ -237,11 +233,10 @@ def placement(
     every device on the strategy's own axis; neither on one device: no mesh at all.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if isinstance(mesh, str):
-        mesh = parse_mesh_spec(mesh)
-    elif mesh is not None:
-        mesh = {**dict.fromkeys(MESH_AXES, 1), **mesh}
-    layout = choose_layout(strategy, mesh, len(devices), default)
+    sizes = parse_mesh_spec(mesh) if isinstance(mesh, str) else mesh
+    if sizes is not None:
+        sizes = {**dict.fromkeys(MESH_AXES, 1), **sizes}
+    layout = choose_layout(strategy, sizes, len(devices), default)
     if layout is None:
         return Placement()
     chosen, sizes = layout
