@@ -40,7 +40,7 @@ from hunyuan_tpu.config import DiTConfig  # noqa: E402
 from hunyuan_tpu.model import loop_blocks  # noqa: E402
 from hunyuan_tpu.runtime import tracing  # noqa: E402
 from hunyuan_tpu.scan import scanned_blocks, stacked_abstract  # noqa: E402
-from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
+from hunyuan_tpu.synthetic import full_text_conditions  # noqa: E402
 
 LAYOUTS = {"one device": None, "tp_fc2_replicated tp=8": ("tp_fc2_replicated", "tp=8")}
 RUNNERS = {"loop": loop_blocks, "scan": scanned_blocks}
@@ -57,15 +57,6 @@ class Measure:
     matmul_tflop: float
     args_gb: float
     temp_gb: float
-
-
-def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) -> dict[str, np.ndarray]:
-    emb = {k: v.numpy() for k, v in stage1_embeddings(
-        cfg, latent_hw=shape[1:], text_len=text_tokens, byt5_len=byt5_tokens).items()}
-    for prefix in ("", "negative_"):  # every slot valid: the text length is exactly what was asked
-        emb[prefix + "prompt_mask"][:] = 1
-        emb[prefix + "prompt_mask_2"][:] = 1
-    return pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=True)
 
 
 def abstract_step_inputs(cfg: DiTConfig, layout, runner, shape, host: dict[str, np.ndarray]):
@@ -113,7 +104,7 @@ def main() -> None:
     height, width = pipeline.bucket_size(preset.ideal_resolution, args.aspect_ratio)
     shape = pipeline.latent_shape(args.frames, height, width)
     settings = pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0)
-    host = pipeline.device_conditions(conditions_for(preset, shape, args.text_tokens, args.byt5_tokens),
+    host = pipeline.device_conditions(full_text_conditions(preset, shape, args.text_tokens, args.byt5_tokens),
                                       settings, jnp.float32)
     print(f"{args.preset} at {args.frames} frames {width}x{height}: latents {shape} = {math.prod(shape)} tokens + "
           f"{args.text_tokens + args.byt5_tokens} text slots, CFG batch 2, float32, attention stand-in; "

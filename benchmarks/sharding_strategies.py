@@ -44,7 +44,7 @@ from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
 from hunyuan_tpu.model import loop_blocks  # noqa: E402
 from hunyuan_tpu.params import random_params  # noqa: E402
 from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
-from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
+from hunyuan_tpu.synthetic import full_text_conditions  # noqa: E402
 
 # strategy -> mesh over 8 devices; dp=2 splits the CFG pair, the rest goes to the strategy's axis
 LAYOUTS = [
@@ -57,15 +57,6 @@ LAYOUTS = [
     ("tp_fc2_replicated", "dp=2,tp=4"),
     ("sp", "dp=2,sp=4"),
 ]
-
-
-def conditions_for(cfg: DiTConfig, shape, text_tokens: int, byt5_tokens: int) -> dict[str, np.ndarray]:
-    emb = {k: v.numpy() for k, v in stage1_embeddings(
-        cfg, latent_hw=shape[1:], text_len=text_tokens, byt5_len=byt5_tokens).items()}
-    for prefix in ("", "negative_"):  # every slot valid: the text length is exactly what was asked
-        emb[prefix + "prompt_mask"][:] = 1
-        emb[prefix + "prompt_mask_2"][:] = 1
-    return pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=True)
 
 
 def layout(cfg: DiTConfig, name: str, mesh_spec: str) -> parallel.Placement:
@@ -83,7 +74,7 @@ def collective_line(compiled, scale: float = 1.0) -> tuple[str, float]:
 def measure_cpu(args) -> None:
     cfg = widened_tiny(args.hidden, args.depth)
     shape = pipeline.latent_shape(args.frames, args.height, args.width)
-    conditions = conditions_for(cfg, shape, 32, 16)
+    conditions = full_text_conditions(cfg, shape, 32, 16)
     settings = pipeline.SamplingSettings(num_inference_steps=args.steps + 1, guidance_scale=6.0)
     print(f"{args.depth} blocks, hidden {args.hidden}, float32; latents {shape} = {math.prod(shape)} tokens + 48 "
           f"text, CFG 2; {jax.device_count()} virtual devices on {os.cpu_count()} CPU cores "
@@ -113,7 +104,7 @@ def project(args) -> None:
     cfg = DiTConfig.preset(args.preset)
     height, width = pipeline.bucket_size(cfg.ideal_resolution, args.aspect_ratio)
     shape = pipeline.latent_shape(args.frames, height, width)
-    conditions = conditions_for(cfg, shape, args.text_tokens, args.byt5_tokens)
+    conditions = full_text_conditions(cfg, shape, args.text_tokens, args.byt5_tokens)
     settings = pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0)
     dtype = jax_dtype(torch.float32)  # see the module docstring: halved to bf16 below
     host = pipeline.device_conditions(conditions, settings, dtype)

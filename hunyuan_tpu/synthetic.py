@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .config import DiTConfig
+from .pipeline import build_conditions
 
 
 def random_inputs(
@@ -116,3 +117,15 @@ def training_samples(
         "prompt_mask_2": np.zeros((1, byt5_len), np.int32),
     }
     return samples, empty
+
+
+def full_text_conditions(cfg: DiTConfig, shape: tuple[int, int, int], text_tokens: int,
+                         byt5_tokens: int) -> dict[str, np.ndarray]:
+    """A t2v CFG step's conditions (``pipeline.build_conditions``) with exactly ``text_tokens``
+    LLM and ``byt5_tokens`` ByT5 slots, every one valid: for measuring a step at a known text length."""
+    emb = {k: v.numpy() for k, v in stage1_embeddings(
+        cfg, latent_hw=shape[1:], text_len=text_tokens, byt5_len=byt5_tokens).items()}
+    for prefix in ("", "negative_"):
+        emb[prefix + "prompt_mask"][:] = 1
+        emb[prefix + "prompt_mask_2"][:] = 1
+    return build_conditions(emb, task="t2v", shape=shape, cfg=True)

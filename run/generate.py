@@ -25,9 +25,9 @@ import jax
 import stage1_text_encoder as stage1
 import stage2_transformer as stage2
 import stage3_vae_decoder as stage3
-from hunyuan_tpu import handoff, parallel
+from hunyuan_tpu import handoff
 from hunyuan_tpu.files import InputError, read_json
-from stage_cli import Parser, add_vae_group, add_video_group, run_main
+from stage_cli import Parser, add_vae_group, add_video_group, parse_joining, run_main
 
 
 def build_parser() -> Parser:
@@ -90,13 +90,7 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
     """The command line, in this process: returns the exit code (2 and one line for bad input)."""
-
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        parallel.initialize_distributed()  # before anything touches a JAX backend
-        return run(args, devices)
-
-    return run_main(body)
+    return run_main(lambda: run(parse_joining(build_parser(), argv), devices))
 
 
 if __name__ == "__main__":

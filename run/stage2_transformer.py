@@ -36,7 +36,9 @@ from hunyuan_tpu.pipeline import (
 from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
-from stage_cli import DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, resolve, run_main
+from stage_cli import (
+    DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, parse_joining, resolve, run_main,
+)
 
 CHECKPOINT_NAME = "stage2_checkpoint.safetensors"
 # The weight-free demo: the tiny preset at 9 frames of 112x64 pixels (3 x 4 x 7 latents).
@@ -422,13 +424,7 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
     """The command line, in this process: returns the exit code (2 and one line for bad input)."""
-
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        parallel.initialize_distributed()  # before anything touches a JAX backend
-        return run(args, devices)
-
-    return run_main(body)
+    return run_main(lambda: run(parse_joining(build_parser(), argv), devices))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from hunyuan_tpu import parallel
 from hunyuan_tpu.checkpoint import checkpoint_config
 from hunyuan_tpu.config import PRESETS, DiTConfig
 from hunyuan_tpu.files import InputError
@@ -48,6 +49,14 @@ def resolve(
 def flag(setting: str) -> str:
     """The command-line flag of a library setting (every flag is the setting's name)."""
     return f"--{setting}"
+
+
+def parse_joining(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The flags, after which a process of a multi-host job (a TPU pod slice, SLURM, MPI, or
+    JAX_COORDINATOR_ADDRESS set) joins the others, before anything touches a JAX backend."""
+    args = parser.parse_args(argv)
+    parallel.initialize_distributed()
+    return args
 
 
 def run_main(body: Callable[[], int]) -> int:

@@ -28,7 +28,7 @@ from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.synthetic import training_samples
 from hunyuan_tpu.train_loop import RunSettings, train
 from hunyuan_tpu.training import OPTIMIZERS, SCHEDULES, OptimizerSettings
-from stage_cli import DTYPES, Parser, add_model_flag, dtype_of, model_config, run_main
+from stage_cli import DTYPES, Parser, add_model_flag, dtype_of, model_config, parse_joining, run_main
 
 # --demo: a 16-sample synthetic set trained on the tiny preset, a few minutes on a 2-core CPU.
 DEMO = {"model": "tiny", "dtype": "float32", "max_steps": 150, "learning_rate": 2e-3, "batch_size": 4,
@@ -165,13 +165,7 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:
     """The command line, in this process: returns the exit code (2 and one line for bad input)."""
-
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        parallel.initialize_distributed()
-        return run(args, devices)
-
-    return run_main(body)
+    return run_main(lambda: run(parse_joining(build_parser(), argv), devices))
 
 
 if __name__ == "__main__":
