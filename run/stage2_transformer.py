@@ -236,8 +236,8 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
     s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
     bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
     s["height"], s["width"] = s["height"] or bucket_h, s["width"] or bucket_w
+    latent_shape(s["video_length"], s["height"], s["width"])  # checks the three
     settings = Settings(**s)
-    settings.latent_shape  # checks video_length, height and width
     if settings.cache is not None:
         settings.cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
     return settings, config
