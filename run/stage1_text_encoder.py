@@ -17,6 +17,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -149,31 +150,31 @@ class Encoders:
     vae: object | None = None
 
 
+def _model(path: str | None, load: Callable[[], object], tiny: Callable[[], object], what: str, flag: str,
+           size: str) -> object:
+    """The model at ``path`` (``load``), else a tiny one with seeded random weights, said on stderr."""
+    if path:
+        return load()
+    _note_tiny(what, flag, size)
+    return tiny()
+
+
 def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
     """The encoders the flags name, or tiny ones with seeded random weights."""
     config, dtype = s.config, s.encoder_dtype
-    if args.text_encoder:
-        llm = te.load_llm(Path(args.text_encoder), dtype)
-    else:
-        _note_tiny("the text encoder (Qwen2.5-VL language model)", "--text_encoder", f"{config.text_states_dim} wide")
-        llm = te.tiny_llm(config.text_states_dim, dtype)
-    if args.byt5:
-        byt5 = te.load_byt5(Path(args.byt5), dtype)
-    else:
-        _note_tiny("the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
-        byt5 = te.tiny_byt5(config.byt5_states_dim, dtype)
+    llm = _model(args.text_encoder, lambda: te.load_llm(Path(args.text_encoder), dtype),
+                 lambda: te.tiny_llm(config.text_states_dim, dtype),
+                 "the text encoder (Qwen2.5-VL language model)", "--text_encoder", f"{config.text_states_dim} wide")
+    byt5 = _model(args.byt5, lambda: te.load_byt5(Path(args.byt5), dtype),
+                  lambda: te.tiny_byt5(config.byt5_states_dim, dtype),
+                  "the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
     if s.task != "i2v":
         return Encoders(llm, byt5)
-    if args.vision_encoder:
-        vision = ic.load_siglip(Path(args.vision_encoder), dtype)
-    else:
-        _note_tiny("the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
-        vision = ic.tiny_siglip(config.vision_states_dim, dtype)
-    if args.vae:
-        vae = load_vae(args.vae, s.vae_dtype)
-    else:
-        _note_tiny("the VAE", "--vae", f"{config.in_channels} latent channels")
-        vae = tiny_vae(config.in_channels, s.vae_dtype)
+    vision = _model(args.vision_encoder, lambda: ic.load_siglip(Path(args.vision_encoder), dtype),
+                    lambda: ic.tiny_siglip(config.vision_states_dim, dtype),
+                    "the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
+    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype), lambda: tiny_vae(config.in_channels, s.vae_dtype),
+                 "the VAE", "--vae", f"{config.in_channels} latent channels")
     return Encoders(llm, byt5, vision, vae)
 
 
