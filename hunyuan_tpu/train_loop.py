@@ -239,7 +239,7 @@ def _resume(s: RunSettings, run: _Session, log: Callable[[str], None]) -> None:
     log(f"resuming at update {run.step} of {s.optimizer.total_steps} from {found}")
 
 
-def _start_metrics(out: Path, run: _Session, writer: bool) -> Path:
+def _start_metrics(out: Path, run: _Session, writer: bool) -> None:
     """metrics.jsonl as of the run's update: a resumed run drops what the interrupted one
     logged after its last checkpoint."""
     path = out / METRICS
@@ -249,7 +249,6 @@ def _start_metrics(out: Path, run: _Session, writer: bool) -> Path:
         tmp = path.with_name(f".{METRICS}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in run.rows))
         tmp.replace(path)
-    return path
 
 
 def _loop(s: RunSettings, config: DiTConfig, run: _Session, batch: dict, empty: dict | None, writer: bool) -> list[float]:

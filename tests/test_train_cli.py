@@ -56,11 +56,6 @@ def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"), samples, shard_size=4, empty_prompt=empty)
 
 
-def train(env, *args, check=True, script=TRAIN):
-    """``script`` in-process; ``env`` (the module's compilation cache) is for the subprocess runs."""
-    return cli_runner.call(script, *args, check=check)
-
-
 def metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
@@ -113,7 +108,7 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
         train_loop.train(settings, ONE_BLOCK, log=lambda m: None)
 
 
-def test_bad_input_is_one_line(env, data, one_block, tmp_path):
+def test_bad_input_is_one_line(data, one_block, tmp_path):
     cases = [
         (["--data", tmp_path / "none"], "no such dataset folder"),
         (["--data", data, "--lora", "--lora_targets", "nothing_matches"], "matches no linear layer"),
@@ -121,14 +116,14 @@ def test_bad_input_is_one_line(env, data, one_block, tmp_path):
         (["--demo", "--batch_size", "0"], "--batch_size must be >= 1"),  # before the demo writes its data
     ]
     for extra, message in cases:
-        proc = train(env, *BASE, "--model", one_block, *extra, "--output_dir", tmp_path / "out", "--max_steps", 1,
-                     check=False)
+        proc = cli_runner.call(TRAIN, *BASE, "--model", one_block, *extra, "--output_dir", tmp_path / "out",
+                               "--max_steps", 1, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (extra, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_file_drives_stage2(env, data, tmp_path):
+def test_lora_file_drives_stage2(data, tmp_path):
     """A trained adapter file (the official trainer's format) changes stage 2's result exactly
     as merging it into the weights by hand does."""
     settings = RunSettings(data=data, output_dir=tmp_path / "lora_run", dtype=torch.float32, batch_size=2,
@@ -140,8 +135,8 @@ def test_lora_file_drives_stage2(env, data, tmp_path):
     assert tensors["double_blocks.0.img_attn_q.lora_B.weight"].abs().max() > 0  # trained away from B = 0
 
     demo = tmp_path / "with_lora"
-    train(env, "--demo", "--output_dir", demo, "--lora", adapter, "--num_inference_steps", 3, "--dtype", "float32",
-          script=STAGE2)
+    cli_runner.call(STAGE2, "--demo", "--output_dir", demo, "--lora", adapter, "--num_inference_steps", 3,
+                    "--dtype", "float32")
     with_lora = load_file(str(demo / "latents.safetensors"))["latents"].numpy()
     record = json.loads((demo / "config.json").read_text())["stage2"]
     assert record["lora"] == str(adapter) and record["lora_scale"] == 1.0
@@ -155,7 +150,7 @@ def test_lora_file_drives_stage2(env, data, tmp_path):
                 state[module + ".weight"] += (16.0 / 4) * tensors[module + ".lora_B.weight"] @ a
     model.load_state_dict(state)
     merged = save_transformer(model, tmp_path / "merged.safetensors")
-    train(env, "--input_dir", demo, "--output_dir", tmp_path / "by_hand", "--model", merged,
-          "--num_inference_steps", 3, "--dtype", "float32", script=STAGE2)
+    cli_runner.call(STAGE2, "--input_dir", demo, "--output_dir", tmp_path / "by_hand", "--model", merged,
+                    "--num_inference_steps", 3, "--dtype", "float32")
     by_hand = load_file(str(tmp_path / "by_hand" / "latents.safetensors"))["latents"].numpy()
     assert rel_l2(with_lora, by_hand) <= 1e-5
