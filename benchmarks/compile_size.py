@@ -88,6 +88,10 @@ def measure(cfg: DiTConfig, layout, runner, shape, host, settings) -> Measure:
                    hlo.dot_flops(text) / 1e12, memory.argument_size_in_bytes / 1e9, memory.temp_size_in_bytes / 1e9)
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="720p_t2v", help="model preset (default: %(default)s)")
@@ -109,7 +113,7 @@ def main() -> None:
     print(f"{args.preset} at {args.frames} frames {width}x{height}: latents {shape} = {math.prod(shape)} tokens + "
           f"{args.text_tokens + args.byt5_tokens} text slots, CFG batch 2, float32, attention stand-in; "
           f"{jax.device_count()} virtual CPU devices on {os.cpu_count()} cores ({platform.machine()}), "
-          f"jax {jax.__version__}\n")
+          f"jax {jax.__version__}; load average {_load()} at the start\n")
     print("| layout | blocks | runner | lowering s | compile s | StableHLO chars | HLO chars | HLO instructions | "
           "matmul TFLOP | args GB | temp GB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -121,6 +125,7 @@ def main() -> None:
                 print(f"| {layout_name} | {depth} | {runner_name} | {m.lower_s:.1f} | {m.compile_s:.1f} | "
                       f"{m.stablehlo_chars:,} | {m.hlo_chars:,} | {m.hlo_instructions:,} | {m.matmul_tflop:.1f} | "
                       f"{m.args_gb:.1f} | {m.temp_gb:.1f} |", flush=True)
+    print(f"\nload average {_load()} at the end (both runners alternate within one process, one XLA compile at a time)")
 
 
 if __name__ == "__main__":
