@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,99 @@ _FIXED_OFFICIAL: dict[str, Any] = {
     "is_reshape_temporal_channels": False,
     "use_cond_type_embedding": True,
 }
-# Official keys that select runtime behaviour of the reference implementation (its attention
-# kernel) or are unused by the released architecture; they do not change the math.
-_IGNORED_OFFICIAL = frozenset({"attn_mode", "attn_param", "text_states_dim_2"})
+# Official keys unused by the released architecture.
+_IGNORED_OFFICIAL = frozenset({"text_states_dim_2"})
+
+# attn_mode values: the official dense kernels (all the same math), and SSTA's block-sparse kernel.
+DENSE_ATTN_MODES = ("flash", "flash2", "flash3", "torch", "sageattn")
+SPARSE_ATTN_MODE = "flex-block-attn"
+# attn_param keys with one value in the official SSTA path that this port implements; any other
+# value (a sampling, sparse type or padding this port has not written) is refused, never ignored.
+_FIXED_ATTN_PARAM: dict[str, Any] = {
+    "ssta_threshold": 0.0,
+    "ssta_sampling_type": "importance",
+    "ssta_adaptive_pool": None,
+    "attn_sparse_type": "ssta",
+    "attn_pad_type": "zero",
+}
+# Keys the official model writes into attn_param while it runs (the canvas and the layer name).
+_RUNTIME_ATTN_PARAM = frozenset({"thw", "layer-name"})
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttention:
+    """SSTA, the official ``attn_param`` of the ``*_sparse`` checkpoints (defaults: the official
+    constructor's). Each image tile of ``tile_size`` (t, h, w) latents is one attention block;
+    its queries attend the ``win_size`` window of neighbouring tiles, the ``ssta_topk`` tiles of
+    highest importance (``ssta_lambda`` weighs similarity against redundancy) and the text.
+    ``win_type`` "hybrid" runs every ``win_ratio``-th block and the last one dense.
+    ``attn_use_text_mask``: text blocks past the valid text are cut. ``attn_mask_share_within_head``:
+    one block selection for all heads instead of one per head."""
+
+    tile_size: tuple[int, int, int] = (6, 8, 8)
+    win_size: tuple[int, int, int] = (3, 3, 3)  # official [[3, 3, 3]]: only the first is used
+    win_type: str = "fixed"
+    win_ratio: int = 10
+    ssta_topk: int = 64
+    ssta_lambda: float = 0.7
+    attn_use_text_mask: bool = True
+    attn_mask_share_within_head: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("tile_size", "win_size"):
+            value = getattr(self, key)
+            if len(value) != 3 or any(int(v) < 1 for v in value):
+                raise ValueError(f"attn_param {key} must be 3 positive integers (t, h, w), got {list(value)}")
+        if self.win_type not in ("fixed", "hybrid"):
+            raise ValueError(f"attn_param win_type {self.win_type!r} is not 'fixed' or 'hybrid'")
+        if self.ssta_topk < 1:
+            raise ValueError(f"attn_param ssta_topk must be >= 1, got {self.ssta_topk}")
+
+    @property
+    def block_size(self) -> int:
+        return math.prod(self.tile_size)
+
+    def dense_at(self, index: int, depth: int) -> bool:
+        """Whether double block ``index`` of ``depth`` runs dense (the official hybrid rule)."""
+        return self.win_type == "hybrid" and self.win_ratio > 0 and (
+            (index + 1) % self.win_ratio == 0 or index + 1 == depth)
+
+    @classmethod
+    def from_official(cls, raw: dict[str, Any], source: str = "config") -> SparseAttention:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names - set(_FIXED_ATTN_PARAM) - _RUNTIME_ATTN_PARAM)
+        if unknown:
+            raise ValueError(f"{source}: unknown attn_param key(s) {', '.join(unknown)}; valid keys: "
+                             f"{', '.join(sorted(names | set(_FIXED_ATTN_PARAM)))}")
+        for key, expected in _FIXED_ATTN_PARAM.items():
+            value = raw.get(key, expected)
+            if value != expected and not (key == "ssta_threshold" and value <= 0):
+                raise ValueError(f"{source}: attn_param {key}={value!r} is not implemented by this port "
+                                 f"(it implements {key}={expected!r})")
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        if "win_size" in kwargs:
+            win = kwargs["win_size"]
+            kwargs["win_size"] = win[0] if win and isinstance(win[0], (list, tuple)) else win
+        for key in ("tile_size", "win_size"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        for key in ("attn_use_text_mask", "attn_mask_share_within_head"):
+            if key in kwargs:
+                kwargs[key] = bool(kwargs[key])
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_official(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(_FIXED_ATTN_PARAM)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["win_size"] = [out["win_size"]]
+        out["attn_use_text_mask"] = int(self.attn_use_text_mask)
+        out["attn_mask_share_within_head"] = int(self.attn_mask_share_within_head)
+        return dict(sorted(out.items()))
 
 # Keys of diffusers' HunyuanVideo15Transformer3DModel config (converted in _diffusers_to_official_config).
 _DIFFUSERS_KEYS = frozenset({
@@ -69,8 +160,19 @@ class DiTConfig:
     byt5_states_dim: int = 1472
     byt5_hidden_dim: int = 2048
     refiner_depth: int = 2
+    # The attention: a dense mode, or "flex-block-attn" with its SSTA parameters (the sparse
+    # checkpoints). A dense mode keeps no attn_param.
+    attn_mode: str = "flash"
+    attn_param: SparseAttention | None = None
 
     def __post_init__(self) -> None:
+        if self.attn_mode not in (*DENSE_ATTN_MODES, SPARSE_ATTN_MODE):
+            modes = ", ".join((*DENSE_ATTN_MODES, SPARSE_ATTN_MODE))
+            raise ValueError(f"attn_mode {self.attn_mode!r} is not one of {modes}")
+        if self.attn_mode == SPARSE_ATTN_MODE and self.attn_param is None:
+            object.__setattr__(self, "attn_param", SparseAttention())
+        if self.attn_mode != SPARSE_ATTN_MODE:
+            object.__setattr__(self, "attn_param", None)
         if self.hidden_size % self.heads_num:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads_num {self.heads_num}")
         if len(self.patch_size) != 3:
@@ -84,6 +186,15 @@ class DiTConfig:
             )
         if self.ideal_task not in (None, "t2v", "i2v"):
             raise ValueError(f"ideal_task must be 't2v', 'i2v' or null, got {self.ideal_task!r}")
+
+    @property
+    def sparse(self) -> SparseAttention | None:
+        """The SSTA parameters if the model attends sparsely, else None."""
+        return self.attn_param
+
+    def dense(self) -> DiTConfig:
+        """This model with dense attention everywhere (the same weights; for comparisons)."""
+        return dataclasses.replace(self, attn_mode="flash", attn_param=None)
 
     @property
     def head_dim(self) -> int:
@@ -138,7 +249,14 @@ class DiTConfig:
         for key in ("patch_size", "rope_dim_list"):
             if key in kwargs:
                 kwargs[key] = tuple(int(v) for v in kwargs[key])
-        return cls(**kwargs)
+        if kwargs.get("attn_mode") == SPARSE_ATTN_MODE and isinstance(kwargs.get("attn_param"), dict):
+            kwargs["attn_param"] = SparseAttention.from_official(kwargs["attn_param"], source)
+        else:
+            kwargs.pop("attn_param", None)  # a dense model has no use for it
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> DiTConfig:
@@ -161,6 +279,7 @@ class DiTConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
+        out["attn_param"] = self.attn_param.to_official() if self.attn_param else None
         return dict(sorted(out.items()))
 
 
@@ -209,6 +328,17 @@ PRESETS: dict[str, DiTConfig] = {
     "720p_t2v": dataclasses.replace(_RELEASED, ideal_resolution="720p"),
     "720p_i2v": dataclasses.replace(_RELEASED, ideal_resolution="720p", ideal_task="i2v"),
     "480p_i2v_step_distilled": dataclasses.replace(_RELEASED, ideal_task="i2v", use_meanflow=True),
+    # CFG-distilled: the same architecture (sampling defaults differ, pipeline.SAMPLING_DEFAULTS)
+    "480p_t2v_distilled": _RELEASED,
+    "480p_i2v_distilled": dataclasses.replace(_RELEASED, ideal_task="i2v"),
+    "720p_t2v_distilled": dataclasses.replace(_RELEASED, ideal_resolution="720p"),
+    "720p_i2v_distilled": dataclasses.replace(_RELEASED, ideal_resolution="720p", ideal_task="i2v"),
+    # CFG-distilled and trained for SSTA
+    "720p_t2v_distilled_sparse": dataclasses.replace(
+        _RELEASED, ideal_resolution="720p", attn_mode=SPARSE_ATTN_MODE, attn_param=SparseAttention()),
+    "720p_i2v_distilled_sparse": dataclasses.replace(
+        _RELEASED, ideal_resolution="720p", ideal_task="i2v", attn_mode=SPARSE_ATTN_MODE,
+        attn_param=SparseAttention()),
     # Small enough that a forward runs in milliseconds on a laptop CPU, with 8 heads so that
     # every sharding strategy can split it over 8 devices; serves both t2v and i2v, at the
     # small "96p" buckets by default.
@@ -225,6 +355,10 @@ PRESETS: dict[str, DiTConfig] = {
         byt5_hidden_dim=64,
     ),
 }
+# The tiny model with SSTA at tiles small enough that its canvases have several per axis (a
+# 3 x 3 x 3 window over a grid of at most 3 tiles per axis would attend every block).
+PRESETS["tiny_sparse"] = dataclasses.replace(
+    PRESETS["tiny"], attn_mode=SPARSE_ATTN_MODE, attn_param=SparseAttention(tile_size=(1, 2, 2), ssta_topk=4))
 
 
 def widened_tiny(hidden_size: int, depth: int) -> DiTConfig:

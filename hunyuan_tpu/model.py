@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from sharding import IMG, IMG_ATTN, IMG_HEADS, IMG_MLP, TXT, TXT_ATTN, TXT_HEADS, TXT_MLP
 
+from . import ssta
 from .config import DiTConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each (B, tokens, N, D)
 Streams = tuple[torch.Tensor, torch.Tensor]  # (img (B, L, C), txt (B, S, C)) between two blocks
 Layout = Callable[[torch.Tensor, str], torch.Tensor]
 Scope = Callable[[str], contextlib.AbstractContextManager]
@@ -34,6 +36,10 @@ Scope = Callable[[str], contextlib.AbstractContextManager]
 BlockCall = Callable[[Callable[..., Streams], torch.Tensor, torch.Tensor], Streams]
 # runner(blocks, span, streams, run_block, scope) -> streams after blocks[i] for i in span, in order.
 BlockRunner = Callable[[nn.ModuleList, range, Streams, BlockCall, Scope], Streams]
+# attend(img_qkv, txt_qkv, key_mask) -> (img (B, L, N*D), txt (B, S, N*D)): a double block's attention.
+Attend = Callable[[QKV, QKV, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# sparse(img_q, img_k, img_v, txt_q, txt_k, txt_v, text_mask, plan) -> (img, txt) (B, tokens, N, D).
+SparseAttend = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def keep_layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -73,6 +79,9 @@ class Execution:
     ``BlockRunner``); the default is a Python loop, a JAX runtime substitutes one loop whose
     body is a single block (``hunyuan_tpu.scan.scanned_blocks``) so that a jitted step holds
     one copy of the block however deep the model.
+    ``sparse_attention`` is SSTA's attention for a sparse model (``ssta.sparse_attention``,
+    whose kernel the runtime overrides); another implementation of the same contract (a
+    reference, a variant) plugs in here.
     """
 
     layout: Layout = keep_layout
@@ -80,6 +89,7 @@ class Execution:
     scope: Scope = no_scope
     checkpoint: Callable[[Callable], Callable] = no_checkpoint
     run_blocks: BlockRunner = loop_blocks
+    sparse_attention: SparseAttend = ssta.sparse_attention
 
 
 # ---- functional pieces -----------------------------------------------------------------------
@@ -160,6 +170,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask[:, None, None, :]
     )
     return out.transpose(1, 2).flatten(2)
+
+
+def joint_attention(img: QKV, txt: QKV, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention over [img, txt] with a (B, L + S) key mask. Rows of masked tokens are
+    zeros, as the official flash kernel leaves them: padded text rows never reach the image in
+    a dense model, but in a sparse one SSTA attends the padded slots that share a block with
+    valid text, so their features must be the official ones."""
+    q, k, v = (torch.cat(pair, 1) for pair in zip(img, txt))
+    out = attention(q, k, v, key_mask) * key_mask[..., None]
+    return out.split([img[0].shape[1], txt[0].shape[1]], dim=1)
+
+
+def sparse_joint_attention(img: QKV, txt: QKV, key_mask: torch.Tensor, *, plan: ssta.Plan,
+                           sparse: SparseAttend) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSTA over [img, txt] for a double block: image tokens past the canvas (padding for a
+    device mesh) are left out of the tiles and come back as zeros."""
+    length, tokens = img[0].shape[1], math.prod(plan.grid)
+    img_out, txt_out = sparse(*(x[:, :tokens] for x in img), *txt, key_mask[:, length:], plan)
+    return F.pad(img_out.flatten(2), (0, 0, 0, length - tokens)), txt_out.flatten(2)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -347,6 +376,7 @@ class DoubleStreamBlock(nn.Module):
         rope: Rope,
         key_mask: torch.Tensor,
         layout: Layout = keep_layout,
+        attend: Attend = joint_attention,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
@@ -363,10 +393,7 @@ class DoubleStreamBlock(nn.Module):
         txt_v = self._heads(self.txt_attn_v(x))
         txt_q, txt_k, txt_v = (layout(a, TXT_HEADS) for a in (txt_q, txt_k, txt_v))
 
-        attn = attention(
-            torch.cat([img_q, txt_q], 1), torch.cat([img_k, txt_k], 1), torch.cat([img_v, txt_v], 1), key_mask
-        )
-        img_attn, txt_attn = attn.split([img.shape[1], txt.shape[1]], dim=1)
+        img_attn, txt_attn = attend((img_q, img_k, img_v), (txt_q, txt_k, txt_v), key_mask)
 
         img = img + img_gate1[:, None] * self.img_attn_proj(layout(img_attn, IMG_ATTN))
         x = modulate(layer_norm(img), img_shift2, img_scale2)
@@ -408,6 +435,21 @@ class HunyuanVideo15DiT(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.mm_double_blocks_depth))
         self.final_layer = FinalLayer(dim, math.prod(cfg.patch_size) * cfg.out_channels)
 
+    def _attention_runs(self, span: range, grid: tuple[int, int, int]) -> list[tuple[range, Attend]]:
+        """``span`` cut into runs of blocks with the same attention: all dense in a dense model;
+        SSTA in a sparse one, except the blocks its hybrid window type runs dense."""
+        param = self.config.sparse
+        if param is None or not span:
+            return [(span, joint_attention)] if span else []
+        sparse = functools.partial(sparse_joint_attention, plan=ssta.plan(param, grid),
+                                   sparse=self.execution.sparse_attention)
+        depth, runs, start = len(self.double_blocks), [], span.start
+        for i in span:
+            if i + 1 == span.stop or param.dense_at(i, depth) != param.dense_at(i + 1, depth):
+                runs.append((range(start, i + 1), joint_attention if param.dense_at(i, depth) else sparse))
+                start = i + 1
+        return runs
+
     def embed_text(
         self,
         t: torch.Tensor,
@@ -422,9 +464,11 @@ class HunyuanVideo15DiT(nn.Module):
 
         Order [valid vision, valid ByT5, valid LLM, padded ByT5 (zeroed), padded LLM (zeroed)]
         as in the official reordering, here a stable sort by validity so shapes stay static.
-        Text tokens carry no position, so the order never changes the image output; it puts every
-        padded slot at the end, where a key mask is just a key length. t2v has no vision tokens:
-        the official model masks its zero vision tokens out, which gives the same image output.
+        Text tokens carry no position, so the order never changes a dense model's image output; it
+        puts every padded slot at the end, where a key mask is just a key length. Padded ByT5 and
+        LLM slots are zeros; masked vision slots hold the vision type embedding (official). t2v
+        needs no vision tokens in a dense model (the official model masks its zero vision tokens
+        out); a sparse model is given them masked, as the official pipeline does.
         ``vision_mask`` (B, S3) marks the samples whose vision tokens count (a training batch
         mixes t2v and i2v samples); without it every vision token counts.
         """
@@ -435,8 +479,10 @@ class HunyuanVideo15DiT(nn.Module):
         tokens = [byt5.masked_fill(~byt5_mask[..., None], 0), llm.masked_fill(~text_mask[..., None], 0)]
         vision_mask = vision_key_mask(vision_states, vision_mask)
         if vision_states is not None:
-            vision = self.vision_in(vision_states) + type_embedding[2]
-            tokens.insert(0, vision.masked_fill(~vision_mask[..., None], 0))
+            # masked vision tokens keep their type embedding (official: features zeroed, then
+            # the embedding added); sparse attention can see them
+            vision = self.vision_in(vision_states).masked_fill(~vision_mask[..., None], 0) + type_embedding[2]
+            tokens.insert(0, vision)
         order, mask = condition_order(text_mask, byt5_mask, vision_mask)
         tokens = torch.gather(torch.cat(tokens, dim=1), 1, order[..., None].expand(-1, -1, self.config.hidden_size))
         return tokens, mask
@@ -500,17 +546,22 @@ class HunyuanVideo15DiT(nn.Module):
             image_mask = torch.arange(tokens + padding, device=x.device) < tokens
             key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
-        def run_block(block: Callable[..., Streams], img: torch.Tensor, txt: torch.Tensor) -> Streams:
-            return self.execution.checkpoint(functools.partial(block, layout=layout))(img, txt, vec, rope, key_mask)
+        def run_span(span: range, streams: Streams) -> Streams:
+            for part, attend in self._attention_runs(span, grid):
+                def run_block(block: Callable[..., Streams], img: torch.Tensor, txt: torch.Tensor) -> Streams:
+                    call = functools.partial(block, layout=layout, attend=attend)
+                    return self.execution.checkpoint(call)(img, txt, vec, rope, key_mask)
 
-        depth, run_blocks = len(self.double_blocks), self.execution.run_blocks
+                streams = self.execution.run_blocks(self.double_blocks, part, streams, run_block, scope)
+            return streams
+
+        depth = len(self.double_blocks)
         with scope("blocks"):
             if split is not None and streams is None:  # a full step of the cache: stop at split to save the streams
-                img, txt = saved = run_blocks(self.double_blocks, range(split), (img, txt), run_block, scope)
-                img, txt = run_blocks(self.double_blocks, range(split, depth), saved, run_block, scope)
+                img, txt = saved = run_span(range(split), (img, txt))
+                img, txt = run_span(range(split, depth), saved)
             else:
-                first = 0 if streams is None else split
-                img, txt = run_blocks(self.double_blocks, range(first, depth), (img, txt), run_block, scope)
+                img, txt = run_span(range(0 if streams is None else split, depth), (img, txt))
         with scope("final_layer"):
             velocity = unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
         return (velocity, saved) if split is not None and streams is None else velocity

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from sharding import IMG, TXT
 
 from . import scheduler
-from .attention import Kernel, xla_attention
+from .attention import Kernel, SparseKernel, block_sparse_xla, xla_attention
 from .cache import CacheSchedule
 from .config import DiTConfig
 from .files import InputError
@@ -38,6 +39,8 @@ VAE_TEMPORAL, VAE_SPATIAL = 4, 16
 # uses a base the official bucket code accepts (128); it is the tiny preset's, so that a
 # weight-free run has a canvas of about 8 x 8 latent pixels at any aspect ratio (160x96 at 16:9).
 RESOLUTION_BASE = {"96p": 128, "360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
+# The SigLIP tokens of an image (27 x 27); the official t2v pipeline passes as many zeros, masked.
+T2V_VISION_TOKENS = 729
 _MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents"})
 
 
@@ -55,12 +58,40 @@ class SamplingSettings:
         return self.guidance_scale > 1.0
 
 
-def default_sampling(config: DiTConfig) -> SamplingSettings:
-    """The official per-checkpoint defaults (PIPELINE_CONFIGS of the reference pipeline)."""
-    if config.use_meanflow:  # 480p_i2v_step_distilled
-        return SamplingSettings(num_inference_steps=12, guidance_scale=1.0, flow_shift=7.0)
+# The official sampling defaults per released transformer (PIPELINE_CONFIGS of the reference):
+# CFG-distilled checkpoints (and the sparse ones, which are distilled) sample without CFG.
+SAMPLING_DEFAULTS: dict[str, SamplingSettings] = {
+    "480p_t2v": SamplingSettings(50, 6.0, 5.0),
+    "480p_i2v": SamplingSettings(50, 6.0, 5.0),
+    "720p_t2v": SamplingSettings(50, 6.0, 9.0),
+    "720p_i2v": SamplingSettings(50, 6.0, 7.0),
+    "480p_t2v_distilled": SamplingSettings(50, 1.0, 5.0),
+    "480p_i2v_distilled": SamplingSettings(50, 1.0, 5.0),
+    "720p_t2v_distilled": SamplingSettings(50, 1.0, 9.0),
+    "720p_i2v_distilled": SamplingSettings(50, 1.0, 7.0),
+    "720p_t2v_distilled_sparse": SamplingSettings(50, 1.0, 9.0),
+    "720p_i2v_distilled_sparse": SamplingSettings(50, 1.0, 7.0),
+    "480p_i2v_step_distilled": SamplingSettings(12, 1.0, 7.0),
+}
+
+
+def released_variant(model: str) -> str | None:
+    """The released transformer a ``--model`` value names: a preset name, or a checkpoint path
+    with the variant's folder in it (``ckpts/transformer/720p_t2v_distilled``); else None."""
+    parts = [model] if model in SAMPLING_DEFAULTS else reversed(Path(model).resolve().parts)
+    return next((part for part in parts if part in SAMPLING_DEFAULTS), None)
+
+
+def default_sampling(config: DiTConfig, variant: str | None = None) -> SamplingSettings:
+    """The official defaults of the released ``variant`` (``released_variant``); for another
+    model, those of the base checkpoint its configuration matches."""
+    if variant in SAMPLING_DEFAULTS:
+        return SAMPLING_DEFAULTS[variant]
+    if config.use_meanflow:
+        return SAMPLING_DEFAULTS["480p_i2v_step_distilled"]
     shift = {("720p", "t2v"): 9.0, ("720p", "i2v"): 7.0}.get((config.ideal_resolution, config.ideal_task), 5.0)
-    return SamplingSettings(flow_shift=shift)
+    guidance = 1.0 if config.sparse else 6.0  # every sparse checkpoint is CFG-distilled
+    return SamplingSettings(guidance_scale=guidance, flow_shift=shift)
 
 
 def bucket_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
@@ -122,10 +153,17 @@ def build_conditions(
     task: str,
     shape: tuple[int, int, int],
     cfg: bool,
-    trim_padding: bool = True,
+    model: DiTConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Host arrays for the step: text conditions batched [negative, positive] when ``cfg``,
-    and the (1, 33, T, H, W) condition latents + mask channel (i2v: first frame)."""
+    and the (1, 33, T, H, W) condition latents + mask channel (i2v: first frame).
+
+    Trailing text slots that are padding in every sample are dropped: a dense model's image
+    never depends on them. A sparse ``model`` (SSTA) attends the padded slots that share a block
+    with valid text, so it gets the official slots: none dropped, and in t2v the official
+    pipeline's masked vision tokens (zeros, ``vision_mask`` 0) that come right after the text.
+    """
+    sparse = model is not None and model.sparse is not None
     out: dict[str, np.ndarray] = {}
     for states_key, mask_key in (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2")):
         pairs = [(embeddings[states_key], embeddings[mask_key])]
@@ -134,12 +172,16 @@ def build_conditions(
         length = max(s.shape[1] for s, _ in pairs)  # negative and positive may be padded differently
         states = np.concatenate([_pad_to(s, length) for s, _ in pairs])
         mask = np.concatenate([_pad_to(m, length) for _, m in pairs]).astype(np.int32)
-        out[states_key], out[mask_key] = _trim(states, mask) if trim_padding else (states, mask)
+        out[states_key], out[mask_key] = (states, mask) if sparse else _trim(states, mask)
+    batch = 2 if cfg else 1
     cond = np.zeros((1, LATENT_CHANNELS + 1, *shape), np.float32)
     if task == "i2v":
-        out["vision_states"] = np.repeat(embeddings["vision_states"], 2 if cfg else 1, axis=0)
+        out["vision_states"] = np.repeat(embeddings["vision_states"], batch, axis=0)
         cond[:, :LATENT_CHANNELS, 0] = embeddings["image_cond_latents"][:, :, 0]
         cond[:, LATENT_CHANNELS, 0] = 1.0
+    elif sparse:
+        out["vision_states"] = np.zeros((batch, T2V_VISION_TOKENS, model.vision_states_dim), np.float32)
+        out["vision_mask"] = np.zeros((batch, T2V_VISION_TOKENS), np.int32)
     out["cond_latents"] = cond
     return out
 
@@ -170,6 +212,7 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int |
                 conditions["prompt_embeds"], conditions["prompt_mask"],
                 conditions["prompt_embeds_2"], conditions["prompt_mask_2"],
                 conditions.get("vision_states"), t_r, split=split, streams=streams,
+                vision_mask=conditions.get("vision_mask"),
             )
         v, saved = out if split is not None and streams is None else (out, None)
         with jax.named_scope("scheduler"):
@@ -244,9 +287,11 @@ class Denoiser:
         *,
         placement: Placement = Placement(),
         attention: Kernel = xla_attention,
+        sparse_attention: SparseKernel = block_sparse_xla,
         cache: CacheSchedule | None = None,
     ):
-        self.settings, self.placement, self.attention, self.cache = settings, placement, attention, cache
+        self.settings, self.placement, self.cache = settings, placement, cache
+        self.attention, self.sparse_attention = attention, sparse_attention
         self.params = stack_blocks(params)
         dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
         self.latents_sharding = placement.replicated
@@ -276,7 +321,7 @@ class Denoiser:
         """Trace and compile the step(s) ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
-        with tracing(self.placement.mesh, self.attention):
+        with tracing(self.placement.mesh, self.attention, self.sparse_attention):
             lowered = self._jitted.lower(self.params, self.conditions, latents, 0)
             self.compiled = lowered.compile()
             if self.cache is not None:  # the cached step takes the streams as the full step leaves them

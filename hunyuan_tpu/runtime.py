@@ -24,8 +24,8 @@ from torchax import interop
 from torchax.ops import mappings
 from torchax.tensor import Environment
 
-from . import scan
-from .attention import Kernel, on_mesh, xla_attention
+from . import scan, ssta
+from .attention import Kernel, SparseKernel, block_sparse_xla, on_mesh, sparse_on_mesh, xla_attention
 
 JaxParams = dict[str, jax.Array]
 
@@ -34,6 +34,7 @@ JaxParams = dict[str, jax.Array]
 class Tracing:
     mesh: Mesh | None = None
     attention: Kernel = xla_attention
+    sparse: SparseKernel = block_sparse_xla
 
 
 # What the attention override uses while a step is traced; set with ``tracing``. A context
@@ -42,9 +43,10 @@ _TRACING: contextvars.ContextVar[Tracing] = contextvars.ContextVar("hunyuan_tpu_
 
 
 @contextlib.contextmanager
-def tracing(mesh: Mesh | None = None, attention: Kernel = xla_attention):
-    """Trace model code under ``mesh`` with ``attention`` as the kernel of every SDPA call."""
-    token = _TRACING.set(Tracing(mesh, attention))
+def tracing(mesh: Mesh | None = None, attention: Kernel = xla_attention, sparse: SparseKernel = block_sparse_xla):
+    """Trace model code under ``mesh`` with ``attention`` as the kernel of every SDPA call and
+    ``sparse`` as that of every block-sparse attention (SSTA)."""
+    token = _TRACING.set(Tracing(mesh, attention, sparse))
     try:
         with torchax_env().override_property(mesh=mesh):
             yield
@@ -69,18 +71,29 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return interop.call_jax(kernel, query, key, value, attn_mask, scale)
 
 
+def _block_sparse(q, k, v, kv_blocks, kv_counts, block_size):
+    """``hunyuan_tpu::block_sparse_attention`` for torchax tensors: the block-sparse kernel
+    ``tracing`` selected, per device on a mesh."""
+    current = _TRACING.get()
+    kernel = sparse_on_mesh(current.sparse, current.mesh)
+    return interop.call_jax(kernel, q, k, v, kv_blocks, kv_counts, block_size, q.shape[-1] ** -0.5)
+
+
 @functools.cache
 def torchax_env() -> Environment:
     """The process's torchax environment, configured on first use.
 
     torchax's own lowering of ``scaled_dot_product_attention`` builds an (L, S) bias and cannot
     take the model's per-sample (B, 1, 1, S) key mask; it is replaced by the kernel that
-    ``tracing`` names (``xla_attention`` by default), run per device on a mesh.
+    ``tracing`` names (``xla_attention`` by default), run per device on a mesh. The model's
+    block-sparse attention op (``ssta``), dense under the block mask when eager, becomes the
+    block-sparse kernel ``tracing`` names.
     """
     env = torchax.default_env()
     env.param  # creates the environment's PRNG key now rather than inside a later measured region
     env.override_op_definition(F.scaled_dot_product_attention, _sdpa)
     env.override_op_definition(torch.ops.aten.scaled_dot_product_attention, _sdpa)
+    env.override_op_definition(ssta.block_sparse_attention._opoverload, _block_sparse)
     return env
 
 

@@ -31,7 +31,7 @@ from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
 from hunyuan_tpu.params import model_params
 from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, LoopResult, SamplingSettings, bucket_size, build_conditions, default_sampling,
-    denoise, initial_noise, latent_shape,
+    denoise, initial_noise, latent_shape, released_variant,
 )
 from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.scan import stack_blocks
@@ -95,11 +95,26 @@ def add_cache_group(p: argparse.ArgumentParser) -> None:
 
 
 def add_kernels_group(p: argparse.ArgumentParser) -> None:
-    kernels = p.add_argument_group("attention, profiling and compilation")
+    kernels = p.add_argument_group(
+        "attention, profiling and compilation",
+        "Dense attention runs splash (Pallas) on TPU, cuDNN flash on GPU, plain XLA on CPU. A sparse model "
+        "(attn_mode flex-block-attn: the *_sparse checkpoints and presets) runs SSTA: its block lists are "
+        "computed on device each step and its image queries go to a block-sparse kernel, Pallas on TPU and "
+        "a portable XLA loop on GPU and CPU; its text queries use the dense kernel.")
     kernels.add_argument("--attention", choices=attention.BACKENDS,
-                         help="attention kernel: splash on TPU, cudnn on GPU, xla (plain jnp) (default: auto, by platform)")
-    kernels.add_argument("--splash_block_q", type=int, metavar="N", help="splash query block (default: 512)")
-    kernels.add_argument("--splash_block_kv", type=int, metavar="N", help="splash key/value block (default: 512)")
+                         help="dense kernel: splash on TPU, cudnn on GPU, xla (plain jnp) (default: auto, by platform)")
+    kernels.add_argument("--sparse_attention", choices=attention.SPARSE_BACKENDS,
+                         help="block-sparse kernel of a sparse model: pallas on TPU (interpreted elsewhere: tests "
+                         "only), xla elsewhere (default: auto, by platform)")
+    kernels.add_argument("--dense_attention", action="store_true", default=None,
+                         help="run a sparse model with dense attention everywhere (for comparison)")
+    kernels.add_argument("--splash_block_q", type=int, metavar="N",
+                         help=f"splash query block (default: {attention.SPLASH_BLOCK_Q})")
+    kernels.add_argument("--splash_block_kv", type=int, metavar="N",
+                         help=f"splash key/value block (default: {attention.SPLASH_BLOCK_KV})")
+    kernels.add_argument("--splash_block_kv_compute", type=int, metavar="N",
+                         help=f"splash key/value slice computed at a time, divides the block "
+                         f"(default: {attention.SPLASH_BLOCK_KV_COMPUTE})")
     kernels.add_argument("--enable_profiler", action="store_true",
                          help="trace --profiler_steps extra steady-state steps after warm-up with jax.profiler")
     kernels.add_argument("--profiler_output_dir", default="/dev/shm/jax-trace", metavar="DIR",
@@ -155,8 +170,11 @@ GENERAL_DEFAULTS = {
     "sharding": (str, None),
     "mesh": (str, None),
     "attention": (str, "auto"),
-    "splash_block_q": (int, 512),
-    "splash_block_kv": (int, 512),
+    "sparse_attention": (str, "auto"),
+    "dense_attention": (bool, False),
+    "splash_block_q": (int, attention.SPLASH_BLOCK_Q),
+    "splash_block_kv": (int, attention.SPLASH_BLOCK_KV),
+    "splash_block_kv_compute": (int, attention.SPLASH_BLOCK_KV_COMPUTE),
     "enable_cache": (bool, False),
     "cache_start_step": (int, CacheSchedule.start),
     "cache_end_step": (int, CacheSchedule.end),
@@ -186,8 +204,11 @@ class Settings:
     sharding: str | None
     mesh: str | None
     attention: str
+    sparse_attention: str
+    dense_attention: bool
     splash_block_q: int
     splash_block_kv: int
+    splash_block_kv_compute: int
     enable_cache: bool
     cache_start_step: int
     cache_end_step: int
@@ -222,12 +243,15 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
     config = model_config(s["model"])
     if config.ideal_task not in (None, s["task"]):
         raise InputError(f"--model {s['model']} is trained for {config.ideal_task}, but the run is {s['task']}")
-    defaults = default_sampling(config)
+    defaults = default_sampling(config, released_variant(s["model"]))
+    if s["dense_attention"]:
+        config = config.dense()
     s.update(resolve(args, stage_config, {
         "num_inference_steps": (int, defaults.num_inference_steps),
         "guidance_scale": (float, defaults.guidance_scale),
         "flow_shift": (float, defaults.flow_shift),
     }, source))
+    attention.check_splash_blocks(s["splash_block_q"], s["splash_block_kv"], s["splash_block_kv_compute"])
     if s["num_inference_steps"] < 1:
         raise InputError(f"--num_inference_steps must be >= 1, got {s['num_inference_steps']}")
     for key in ("warmup_steps", "checkpoint_every"):
@@ -280,9 +304,11 @@ class Stage2:
         return self.out_dir / CHECKPOINT_NAME
 
 
-def _kernel(s: Settings) -> attention.Kernel:
-    return attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
-                            block_kv=s.splash_block_kv)
+def _kernels(s: Settings) -> tuple[attention.Kernel, attention.SparseKernel]:
+    """The dense and the block-sparse kernel of the run."""
+    dense = attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
+                             block_kv=s.splash_block_kv, block_kv_compute=s.splash_block_kv_compute)
+    return dense, attention.sparse_kernel(s.sparse_attention)
 
 
 def _weights(s: Settings, config: DiTConfig, placement: parallel.Placement) -> dict:
@@ -320,12 +346,12 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     stage_config = handoff.read_config(in_dir)
     s, config = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
     embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:])
-    conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg)
+    conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg, model=config)
     placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1,
                                    devices=devices)
     s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
                             mesh=placement.mesh_spec)
-    kernel = _kernel(s)
+    kernel, sparse_kernel = _kernels(s)
     if args.profiler_steps < 1:
         raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
     params = _weights(s, config, placement)
@@ -337,7 +363,8 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     latents, start_step = _start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
     # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
     params = stack_blocks(params, donate=True)
-    denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel, cache=s.cache)
+    denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
+                        sparse_attention=sparse_kernel, cache=s.cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
     return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s)
 

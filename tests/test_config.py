@@ -122,3 +122,55 @@ def test_replace_derives_and_validates():
         dataclasses.replace(tiny, heads_num=4)  # head_dim 32 no longer matches rope dims summing to 16
     with pytest.raises(dataclasses.FrozenInstanceError):
         tiny.hidden_size = 1
+
+
+# ---- attention: dense modes and SSTA -------------------------------------------------------------
+
+def _sparse_official(**attn_param) -> dict:
+    return {**OFFICIAL_480P_T2V, "ideal_resolution": "720p", "attn_mode": "flex-block-attn",
+            "attn_param": attn_param or None}
+
+
+def test_sparse_config_reads_with_official_defaults(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_sparse_official()))
+    assert DiTConfig.from_json(path) == DiTConfig.preset("720p_t2v_distilled_sparse")
+    sparse = DiTConfig.from_dict(_sparse_official(ssta_topk=16, win_size=[[3, 5, 5]], win_type="hybrid",
+                                                  attn_use_text_mask=0, thw=[31, 45, 80])).attn_param
+    assert (sparse.ssta_topk, sparse.win_size, sparse.win_type) == (16, (3, 5, 5), "hybrid")
+    assert not sparse.attn_use_text_mask
+    assert sparse.tile_size == (6, 8, 8) and sparse.ssta_lambda == 0.7 and not sparse.attn_mask_share_within_head
+    for mode in ("flash", "flash2", "flash3", "torch", "sageattn"):  # dense: any attn_param is unused
+        cfg = DiTConfig.from_dict({**OFFICIAL_480P_T2V, "attn_mode": mode, "attn_param": {"ssta_topk": 3}})
+        assert cfg.sparse is None and cfg.attn_mode == mode
+
+
+@pytest.mark.parametrize("key,value", [
+    ("attn_sparse_type", "sta"), ("ssta_sampling_type", "similarity"), ("ssta_threshold", 0.5),
+    ("ssta_adaptive_pool", [2, 2, 2]), ("attn_pad_type", "repeat"), ("win_type", "sliding"),
+])
+def test_unimplemented_sparse_settings_are_refused(key, value):
+    with pytest.raises(ValueError, match=f"cfg.json: .*{key}"):
+        DiTConfig.from_dict(_sparse_official(**{key: value}), source="cfg.json")
+
+
+def test_bad_attention_keys_are_named():
+    with pytest.raises(ValueError, match="unknown attn_param key.*ssta_top_k"):
+        DiTConfig.from_dict(_sparse_official(ssta_top_k=3))
+    with pytest.raises(ValueError, match="attn_mode 'flex' is not one of"):
+        DiTConfig.from_dict({**OFFICIAL_480P_T2V, "attn_mode": "flex"})
+    with pytest.raises(ValueError, match="tile_size must be 3 positive integers"):
+        DiTConfig.from_dict(_sparse_official(tile_size=[6, 8]))
+
+
+def test_sparse_config_round_trip_and_dense_view():
+    cfg = DiTConfig.preset("720p_i2v_distilled_sparse")
+    official = cfg.to_official_dict()
+    assert official["attn_mode"] == "flex-block-attn" and official["attn_param"]["win_size"] == [[3, 3, 3]]
+    assert official["attn_param"]["attn_use_text_mask"] == 1
+    assert official["attn_param"]["ssta_sampling_type"] == "importance"
+    assert DiTConfig.from_dict(official) == cfg
+    assert cfg.dense() == DiTConfig.preset("720p_i2v_distilled")
+    assert cfg.dense().to_official_dict()["attn_param"] is None
+    for name in ("480p_t2v_distilled", "480p_i2v_distilled", "720p_t2v_distilled", "720p_i2v_distilled"):
+        assert DiTConfig.preset(name).sparse is None

@@ -94,14 +94,20 @@ def test_compiled_once_for_five_steps(task):
 
 
 def test_trimmed_padding_gives_the_same_latents():
+    """A dense model's image does not see padded slots: trimmed conditions, and the sparse
+    models' (no slot dropped, t2v's masked vision tokens added), give the same latents."""
     model, emb, settings = _setup("t2v", steps=3)
     noise = pipeline.initial_noise(1, SHAPE)
     outs = []
-    for trim in (True, False):
-        conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True, trim_padding=trim)
+    for sparse in (False, True):
+        conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True,
+                                               model=DiTConfig.preset("tiny_sparse") if sparse else None)
         outs.append(pipeline.denoise(_denoiser(model, conditions, settings), noise, progress=False).latents)
-        if trim:
-            assert conditions["prompt_embeds"].shape[1] < emb["prompt_embeds"].shape[1]
+        trimmed = conditions["prompt_embeds"].shape[1] < emb["prompt_embeds"].shape[1]
+        assert trimmed != sparse
+        assert ("vision_mask" in conditions) == sparse
+    assert conditions["vision_states"].shape == (2, pipeline.T2V_VISION_TOKENS, 48)
+    assert not conditions["vision_mask"].any()
     assert rel_l2(outs[0], outs[1]) <= 1e-6
 
 
@@ -116,6 +122,13 @@ def test_official_buckets_and_defaults():
     assert pipeline.default_sampling(DiTConfig.preset("720p_i2v")).flow_shift == 7.0
     assert pipeline.default_sampling(DiTConfig.preset("480p_i2v")) == pipeline.SamplingSettings(50, 6.0, 5.0)
     assert pipeline.default_sampling(DiTConfig.preset("480p_i2v_step_distilled")) == pipeline.SamplingSettings(12, 1.0, 7.0)
+    # the distilled checkpoints share their base's configuration: the variant's name decides
+    for variant in ("720p_t2v_distilled", "720p_t2v_distilled_sparse"):
+        assert pipeline.default_sampling(DiTConfig.preset(variant), variant) == pipeline.SamplingSettings(50, 1.0, 9.0)
+    assert pipeline.default_sampling(DiTConfig.preset("720p_i2v_distilled_sparse")).guidance_scale == 1.0
+    assert pipeline.released_variant("720p_i2v_distilled") == "720p_i2v_distilled"
+    assert pipeline.released_variant("/ckpts/transformer/480p_t2v_distilled/model.safetensors") == "480p_t2v_distilled"
+    assert pipeline.released_variant("tiny") is None
 
 
 @pytest.mark.parametrize("call,message", [

@@ -156,8 +156,23 @@ def test_splash_run_with_profiler_trace(demo, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["stage2"]["attention"] == "splash"
 
 
+def test_sparse_model_runs_ssta_without_a_flag(demo, tmp_path):
+    common = ["--input_dir", demo, "--model", "tiny_sparse", "--num_inference_steps", 3, "--warmup_steps", 0]
+    stage2(*common, "--output_dir", tmp_path / "xla")
+    stage2(*common, "--output_dir", tmp_path / "pallas", "--sparse_attention", "pallas")
+    stage2(*common, "--output_dir", tmp_path / "dense", "--dense_attention")
+    record = json.loads((tmp_path / "xla" / "config.json").read_text())["stage2"]
+    assert record["guidance_scale"] == 1.0 and record["dense_attention"] is False  # sparse models are CFG-distilled
+    sparse, dense = latents(tmp_path / "xla"), latents(tmp_path / "dense")
+    assert np.linalg.norm(latents(tmp_path / "pallas") - sparse) <= 1e-5 * np.linalg.norm(sparse)
+    assert np.linalg.norm(dense - sparse) >= 1e-4 * np.linalg.norm(sparse)
+    help_text = stage2("--help").stdout
+    assert "--sparse_attention" in help_text and "block-sparse kernel" in help_text
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--attention", "cudnn"], "--attention cudnn needs a GPU"),
+    (["--splash_block_kv", 1024, "--splash_block_kv_compute", 384], "--splash_block_kv_compute 384 does not divide"),
     (["--mesh", "tp=3"], "--mesh tp=3: uses 3 devices, but 8 are available"),
     (["--mesh", "tp=8", "--sharding", "sp"], "axis tp=8 is not used by strategy sp"),
     (["--mesh", "sp=4,tp=2", "--sharding", "sp"], "axis tp=2 is not used"),
