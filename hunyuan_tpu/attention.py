@@ -29,6 +29,9 @@ SparseKernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, 
 # The splash block sizes of the fastest measured configuration for this model on v6e (the seed
 # TPU port's README: 5.81 s/step at 720p x 121 frames with CFG, against 7.29 with the stock ones).
 SPLASH_BLOCK_Q, SPLASH_BLOCK_KV, SPLASH_BLOCK_KV_COMPUTE = 3072, 2048, 1024
+# Listed key blocks the block-sparse Pallas kernel folds per grid step: a grid step has a fixed
+# cost (~0.35 us) comparable to one 384 x 384 tile's MXU work, so one block a step would double it.
+SPARSE_BLOCKS_PER_STEP = 4
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, scale: float) -> jax.Array:
@@ -211,7 +214,7 @@ def block_sparse_xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_blocks: jax.Ar
     return (acc / total[..., None]).reshape(b, n, length, d).astype(q.dtype)
 
 
-def block_sparse_pallas(interpret: bool = False, blocks_per_step: int = 4) -> SparseKernel:
+def block_sparse_pallas(interpret: bool = False, blocks_per_step: int = SPARSE_BLOCKS_PER_STEP) -> SparseKernel:
     """The TPU block-sparse kernel (Pallas): grid (batch, head, query block, step), each step
     folding the next ``blocks_per_step`` listed key blocks into an online softmax (several per
     step, so that the fixed cost of a grid step is paid once for all of them). The block lists

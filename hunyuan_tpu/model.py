@@ -546,13 +546,15 @@ class HunyuanVideo15DiT(nn.Module):
             image_mask = torch.arange(tokens + padding, device=x.device) < tokens
             key_mask = torch.cat([image_mask.expand(x.shape[0], -1), txt_mask], dim=1)
 
+        def run_block(block: Callable[..., Streams], img: torch.Tensor, txt: torch.Tensor,
+                      attend: Attend = joint_attention) -> Streams:
+            call = functools.partial(block, layout=layout, attend=attend)
+            return self.execution.checkpoint(call)(img, txt, vec, rope, key_mask)
+
         def run_span(span: range, streams: Streams) -> Streams:
             for part, attend in self._attention_runs(span, grid):
-                def run_block(block: Callable[..., Streams], img: torch.Tensor, txt: torch.Tensor) -> Streams:
-                    call = functools.partial(block, layout=layout, attend=attend)
-                    return self.execution.checkpoint(call)(img, txt, vec, rope, key_mask)
-
-                streams = self.execution.run_blocks(self.double_blocks, part, streams, run_block, scope)
+                streams = self.execution.run_blocks(
+                    self.double_blocks, part, streams, functools.partial(run_block, attend=attend), scope)
             return streams
 
         depth = len(self.double_blocks)

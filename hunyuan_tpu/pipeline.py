@@ -78,8 +78,9 @@ SAMPLING_DEFAULTS: dict[str, SamplingSettings] = {
 def released_variant(model: str) -> str | None:
     """The released transformer a ``--model`` value names: a preset name, or a checkpoint path
     with the variant's folder in it (``ckpts/transformer/720p_t2v_distilled``); else None."""
-    parts = [model] if model in SAMPLING_DEFAULTS else reversed(Path(model).resolve().parts)
-    return next((part for part in parts if part in SAMPLING_DEFAULTS), None)
+    if model in SAMPLING_DEFAULTS or not Path(model).exists():
+        return model if model in SAMPLING_DEFAULTS else None
+    return next((part for part in reversed(Path(model).absolute().parts) if part in SAMPLING_DEFAULTS), None)
 
 
 def default_sampling(config: DiTConfig, variant: str | None = None) -> SamplingSettings:

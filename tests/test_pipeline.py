@@ -111,7 +111,7 @@ def test_trimmed_padding_gives_the_same_latents():
     assert rel_l2(outs[0], outs[1]) <= 1e-6
 
 
-def test_official_buckets_and_defaults():
+def test_official_buckets_and_defaults(tmp_path):
     assert pipeline.bucket_size("480p", "16:9") == (480, 848)
     assert pipeline.bucket_size("720p", "16:9") == (720, 1280)
     assert pipeline.bucket_size("480p", "9:16") == (848, 480)
@@ -127,7 +127,10 @@ def test_official_buckets_and_defaults():
         assert pipeline.default_sampling(DiTConfig.preset(variant), variant) == pipeline.SamplingSettings(50, 1.0, 9.0)
     assert pipeline.default_sampling(DiTConfig.preset("720p_i2v_distilled_sparse")).guidance_scale == 1.0
     assert pipeline.released_variant("720p_i2v_distilled") == "720p_i2v_distilled"
-    assert pipeline.released_variant("/ckpts/transformer/480p_t2v_distilled/model.safetensors") == "480p_t2v_distilled"
+    checkpoint = tmp_path / "transformer" / "480p_t2v_distilled" / "model.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.touch()
+    assert pipeline.released_variant(str(checkpoint)) == "480p_t2v_distilled"
     assert pipeline.released_variant("tiny") is None
 
 
