@@ -103,7 +103,8 @@ BF16 = 2  # bytes
 
 def machine() -> str:
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-            f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, torch {torch.__version__}; "
+            f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}, "
+            f"torch {torch.__version__}; "
             f"{datetime.date.today()}")
 
 
@@ -342,7 +343,8 @@ def project_report(args, canvases: list[Canvas]) -> None:
     models = [("720p_t2v", False, True), ("720p_t2v_distilled", False, False),
               ("720p_t2v_distilled_sparse", True, False)]
     layouts = [layout for layout in LAYOUTS if args.layout is None or f"{layout[0]}:{layout[1]}" in args.layout]
-    print(f"\nProjected on {args.project} ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s, {chip.hbm_bytes / 1e9:.0f} "
+    print(f"\nProjected on {args.project} ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s, "
+          f"{chip.hbm_bytes / 1e9:.0f} "
           f"GB HBM at {chip.hbm_bandwidth / 1e12:.2f} TB/s, {chip.ici_bandwidth / 1e9:.0f} GB/s ICI out per chip), "
           f"not measured: one denoising step, bf16, {args.resolution} {args.aspect_ratio}. Dense models: text trimmed "
           f"to the {args.text_valid} valid slots ({llm_valid} LLM + {byt5_valid} ByT5), attention 4 B N (L+S)^2 D "
@@ -391,7 +393,8 @@ def project_report(args, canvases: list[Canvas]) -> None:
                 fits = "" if r.need_gb <= chip.hbm_bytes / 1e9 else ": does not fit"
                 print(f"{prefix} {r.need_gb:.1f}{fits} | {r.tflop:.0f} ({r.attention_tflop:.0f}) | {r.hbm_gb:.0f} "
                       f"({r.kv_gb:.0f}) | {r.wire_gb:.1f} | {r.roofline.compute_s:.2f} | {r.roofline.memory_s:.2f} | "
-                      f"{r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} ({r.roofline.overlapped_s:.2f}) |", flush=True)
+                      f"{r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} ({r.roofline.overlapped_s:.2f}) |",
+                      flush=True)
                 print(f"<!-- {c.frames} {name} {mesh_spec} {preset}: compiled in {r.compile_s:.0f} s; {r.collectives} "
                       f"-->", flush=True)
     cfg = DiTConfig.preset("720p_t2v_distilled_sparse")
