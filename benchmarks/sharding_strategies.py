@@ -46,17 +46,7 @@ from hunyuan_tpu.params import random_params  # noqa: E402
 from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
 from hunyuan_tpu.synthetic import full_text_conditions  # noqa: E402
 
-# strategy -> mesh over 8 devices; dp=2 splits the CFG pair, the rest goes to the strategy's axis
-LAYOUTS = [
-    ("replicated", "tp=8"),
-    ("tp", "tp=8"),
-    ("tp_fc2_replicated", "tp=8"),
-    ("fsdp", "fsdp=8"),
-    ("sp", "sp=8"),
-    ("tp", "dp=2,tp=4"),
-    ("tp_fc2_replicated", "dp=2,tp=4"),
-    ("sp", "dp=2,sp=4"),
-]
+LAYOUTS = sharding.EIGHT_DEVICE_LAYOUTS
 
 
 def layout(cfg: DiTConfig, name: str, mesh_spec: str) -> parallel.Placement:

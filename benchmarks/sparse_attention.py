@@ -70,6 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import sharding
 from hunyuan_tpu import attention, hlo, parallel, pipeline, projection, ssta
 from hunyuan_tpu.config import (
     SPARSE_ATTN_MODE,
@@ -86,17 +87,7 @@ from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings
 # the official text slots of a sparse model: 729 vision (masked in t2v) + 256 ByT5 + 1000 LLM
 VISION_SLOTS, BYT5_SLOTS, LLM_SLOTS = 729, 256, 1000
 TEXT_SLOTS = VISION_SLOTS + BYT5_SLOTS + LLM_SLOTS
-# strategy -> mesh over 8 devices, as sharding_strategies.py; dp=2 needs the CFG batch of 2
-LAYOUTS = [
-    ("replicated", "tp=8"),
-    ("tp", "tp=8"),
-    ("tp_fc2_replicated", "tp=8"),
-    ("fsdp", "fsdp=8"),
-    ("sp", "sp=8"),
-    ("tp", "dp=2,tp=4"),
-    ("tp_fc2_replicated", "dp=2,tp=4"),
-    ("sp", "dp=2,sp=4"),
-]
+LAYOUTS = sharding.EIGHT_DEVICE_LAYOUTS
 SPLASH_BLOCK_Q, SPLASH_BLOCK_KV = attention.SPLASH_BLOCK_Q, attention.SPLASH_BLOCK_KV
 BF16 = 2  # bytes
 

@@ -12,6 +12,20 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+# The layouts the benchmarks compare on 8 devices: every strategy on its own axis, and the ones
+# that combine with dp=2 splitting the CFG pair.
+EIGHT_DEVICE_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("replicated", "tp=8"),
+    ("tp", "tp=8"),
+    ("tp_fc2_replicated", "tp=8"),
+    ("fsdp", "fsdp=8"),
+    ("sp", "sp=8"),
+    ("tp", "dp=2,tp=4"),
+    ("tp_fc2_replicated", "dp=2,tp=4"),
+    ("sp", "dp=2,sp=4"),
+)
+
+
 def get(name: str) -> Strategy:
     try:
         return STRATEGIES[name]
@@ -20,6 +34,6 @@ def get(name: str) -> Strategy:
 
 
 __all__ = [
-    "ACTIVATIONS", "IMG", "IMG_ATTN", "IMG_HEADS", "IMG_MLP", "MESH_AXES", "STRATEGIES", "TXT", "TXT_ATTN", "TXT_HEADS",
+    "ACTIVATIONS", "EIGHT_DEVICE_LAYOUTS", "IMG", "IMG_ATTN", "IMG_HEADS", "IMG_MLP", "MESH_AXES", "STRATEGIES", "TXT", "TXT_ATTN", "TXT_HEADS",
     "TXT_MLP", "Strategy", "get",
 ]
