@@ -72,8 +72,8 @@ def splash_attention(block_q: int = SPLASH_BLOCK_Q, block_kv: int = SPLASH_BLOCK
     do not divide are padded, the padded keys masked and the padded queries dropped; blocks
     are shrunk to the (128-rounded) sequence for short sequences. ``block_kv_compute`` is the
     slice of a kv block computed at a time (it must divide ``block_kv``; at most the block).
-    ``interpret`` runs
-    the kernel through the Pallas interpreter, which works on any backend (slowly).
+    ``interpret`` runs the kernel through the Pallas interpreter, which works on any backend
+    (slowly).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 

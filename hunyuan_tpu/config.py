@@ -249,10 +249,11 @@ class DiTConfig:
         for key in ("patch_size", "rope_dim_list"):
             if key in kwargs:
                 kwargs[key] = tuple(int(v) for v in kwargs[key])
-        if kwargs.get("attn_mode") == SPARSE_ATTN_MODE and isinstance(kwargs.get("attn_param"), dict):
-            kwargs["attn_param"] = SparseAttention.from_official(kwargs["attn_param"], source)
-        else:
-            kwargs.pop("attn_param", None)  # a dense model has no use for it
+        param = kwargs.pop("attn_param", None)  # a dense model has no use for it
+        if kwargs.get("attn_mode") == SPARSE_ATTN_MODE and param is not None:
+            if not isinstance(param, dict):
+                raise ValueError(f"{source}: attn_param must be an object (or null for the defaults), got {param!r}")
+            kwargs["attn_param"] = SparseAttention.from_official(param, source)
         try:
             return cls(**kwargs)
         except ValueError as e:

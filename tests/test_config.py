@@ -159,6 +159,8 @@ def test_bad_attention_keys_are_named():
         DiTConfig.from_dict(_sparse_official(ssta_top_k=3))
     with pytest.raises(ValueError, match="attn_mode 'flex' is not one of"):
         DiTConfig.from_dict({**OFFICIAL_480P_T2V, "attn_mode": "flex"})
+    with pytest.raises(ValueError, match="attn_param must be an object"):
+        DiTConfig.from_dict({**_sparse_official(), "attn_param": [6, 8, 8]})
     with pytest.raises(ValueError, match="tile_size must be 3 positive integers"):
         DiTConfig.from_dict(_sparse_official(tile_size=[6, 8]))
 
