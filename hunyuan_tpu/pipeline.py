@@ -95,26 +95,33 @@ def default_sampling(config: DiTConfig, variant: str | None = None) -> SamplingS
     return SamplingSettings(guidance_scale=guidance, flow_shift=shift)
 
 
-def bucket_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
-    """(height, width) of the official resolution bucket closest to ``aspect_ratio`` ("W:H")."""
+def buckets(resolution: str) -> list[tuple[int, int]]:
+    """Every (height, width) bucket of a resolution family (the official generate_crop_size_list
+    walk: about (base / 16)^2 patches of 16 pixels, aspect ratios up to 4:1)."""
     if resolution not in RESOLUTION_BASE:
         raise InputError(f"resolution {resolution!r} is not one of {', '.join(RESOLUTION_BASE)}")
+    patches = round((RESOLUTION_BASE[resolution] / 16) ** 2)
+    found, wp, hp = [], patches, 1
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= 4.0:
+            found.append((wp * 16, hp * 16))
+        if (hp + 1) * wp <= patches:
+            hp += 1
+        else:
+            wp -= 1
+    return found
+
+
+def bucket_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(height, width) of the official resolution bucket closest to ``aspect_ratio`` ("W:H")."""
+    family = buckets(resolution)
     try:
         w, h = (int(v) for v in aspect_ratio.split(":"))
         assert w > 0 and h > 0
     except (ValueError, AssertionError):
         raise InputError(f"aspect_ratio {aspect_ratio!r} must be two positive integers W:H, e.g. 16:9") from None
-    patches = round((RESOLUTION_BASE[resolution] / 16) ** 2)
-    buckets, wp, hp = [], patches, 1  # the official generate_crop_size_list walk, max ratio 4
-    while wp > 0:
-        if max(wp, hp) / min(wp, hp) <= 4.0:
-            buckets.append((wp * 16, hp * 16))
-        if (hp + 1) * wp <= patches:
-            hp += 1
-        else:
-            wp -= 1
-    ratios = np.array([round(bh / bw, 5) for bh, bw in buckets])
-    return buckets[int(np.abs(ratios - h / w).argmin())]
+    ratios = np.array([round(bh / bw, 5) for bh, bw in family])
+    return family[int(np.abs(ratios - h / w).argmin())]
 
 
 def latent_shape(video_length: int, height: int, width: int) -> tuple[int, int, int]:

@@ -49,6 +49,10 @@ class Tiling:
             raise InputError(f"{{tile_overlap}} {self.overlap} must be in [0, 1)")
         if self.stride_latent < 1:
             raise InputError(f"{{tile_size}} {self.tile_px} with {{tile_overlap}} {self.overlap} leaves no stride")
+        seam = self.tile_latent * self.overlap
+        if abs(seam - round(seam)) > 1e-9:  # the official VAE asserts it: else the kept pieces overlap or gap
+            raise InputError(f"{{tile_overlap}} {self.overlap} of a {{tile_size}} {self.tile_px} tile is {seam:g} latent "
+                             f"pixels; it must be a whole number")
 
     @property
     def tile_latent(self) -> int:
@@ -178,8 +182,6 @@ def vae_config_latent_channels(folder: str | Path) -> int:
 
 # ---- decoding --------------------------------------------------------------------------------
 
-def _starts(size: int, tile: int, stride: int) -> list[int]:
-    return list(range(0, size, stride)) if size > tile else [0]
 
 
 def _blend_seam(prev: np.ndarray, cur: np.ndarray, extent: int, axis: int) -> None:
@@ -233,7 +235,7 @@ def tile_decoder(vae: VAE, backend: Backend) -> Callable[[np.ndarray], np.ndarra
     """``decode_tile(z) -> pixels``: the VAE decoder on one (1, C, T, h, w) latent tile, as float32.
 
     ``torch`` runs diffusers' decoder eagerly. ``jax`` runs ``StaticShapeDecoder`` through torchax
-    as one jitted function, compiled once per tile shape (at most four: interior and edge tiles).
+    as one jitted function, compiled once per tile shape (interior, edge and corner tiles: a few).
     """
     dtype = vae.dtype
     if backend == "torch":
@@ -258,10 +260,8 @@ def decode(
     """Denoised (1, C, T, H/16, W/16) latents -> (1, 3, 4(T-1)+1, H, W) float32 pixels in about [-1, 1].
 
     Latents are divided by the VAE's scaling factor first (the DiT works on scaled latents).
-    With ``tiling``, a canvas larger than one tile is decoded tile by tile: tiles start every
-    ``stride_latent`` latent pixels, and each one's first ``blend_px`` rows and columns are
-    cross-faded from its upper and left neighbours (already blended, in row-major order) before
-    its first ``tile_px - blend_px`` rows and columns are kept.
+    With ``tiling``, a canvas larger than one tile on either side is decoded tile by tile
+    (``tiled``); otherwise whole.
     """
     if latents.ndim != 5 or latents.shape[:2] != (1, vae.model.config.latent_channels):
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected "
@@ -271,10 +271,21 @@ def decode(
     _, _, _, h, w = z.shape
     if tiling is None or (h <= tiling.tile_latent and w <= tiling.tile_latent):
         return decode_tile(z)
+    return tiled(z, decode_tile, tiling)
+
+
+def tiled(z: np.ndarray, decode_tile: Callable[[np.ndarray], np.ndarray], tiling: Tiling) -> np.ndarray:
+    """The official ``spatial_tiled_decode``: on both axes, whatever their size, tiles of
+    ``tile_latent`` latent pixels start every ``stride_latent`` (the last ones may be slivers);
+    each tile's first ``blend_px`` rows and columns are cross-faded from its upper and left
+    neighbours (already blended, in row-major order), and its first ``tile_px - blend_px`` rows
+    and columns are kept. The kept pieces add up to the whole canvas.
+    """
+    _, _, _, h, w = z.shape
     size, stride = tiling.tile_latent, tiling.stride_latent
     keep = tiling.tile_px - tiling.blend_px
-    tiles = [[decode_tile(np.ascontiguousarray(z[..., i:i + size, j:j + size])) for j in _starts(w, size, stride)]
-             for i in _starts(h, size, stride)]
+    tiles = [[decode_tile(np.ascontiguousarray(z[..., i:i + size, j:j + size])) for j in range(0, w, stride)]
+             for i in range(0, h, stride)]
     rows = []
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):

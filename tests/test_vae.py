@@ -12,7 +12,10 @@ from safetensors.torch import save_file
 
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
-from hunyuan_tpu.vae import Tiling, decode, encode_image, load_vae, official_to_diffusers_name, tiny_vae, to_frames
+from hunyuan_tpu.pipeline import RESOLUTION_BASE, buckets
+from hunyuan_tpu.vae import (
+    Tiling, decode, encode_image, load_vae, official_to_diffusers_name, tiled, tiny_vae, to_frames,
+)
 
 DATA = Path(__file__).parent / "data" / "hunyuanvideo15_official_vae_params.json"
 
@@ -57,6 +60,58 @@ def test_tiled_decode_equals_diffusers_tiled_decode(vae, latents):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
     # tiling is not a no-op here: the untiled decode differs at the seams
     assert np.abs(decode(vae, latents, backend="torch", tiling=None) - ours).max() > 1e-3
+
+
+def _diffusers_tiled(latents: np.ndarray, tiling: Tiling) -> np.ndarray:
+    """diffusers' decode with its tiling on (the official spatial_tiled_decode's algorithm)."""
+    model = tiny_vae(seed=0).model
+    size = tiling.tile_latent
+    model.enable_tiling(tile_sample_min_height=tiling.tile_px, tile_sample_min_width=tiling.tile_px,
+                        tile_latent_min_height=size, tile_latent_min_width=size, tile_overlap_factor=tiling.overlap)
+    with torch.no_grad():
+        return model.decode(torch.from_numpy(latents) / model.config.scaling_factor).sample.numpy()
+
+
+# 8-pixel tiles every 6, 96 of 128 pixels kept: a side of 7 or 8 fits in a tile but not in
+# what a tile keeps, as 15 or 16 latent pixels do at the default tiling (224 of 256 kept)
+SEAM_TILES = Tiling(tile_px=128, overlap=0.25)
+# latent (h, w) against SEAM_TILES: every shape class the buckets produce
+SHAPE_CLASSES = {
+    "both_tiled": (10, 14),
+    "one_side_within_a_tile": (7, 14),
+    "one_side_exactly_a_tile": (14, 8),
+    "one_side_a_pixel_over": (9, 6),
+    "both_within_a_tile": (7, 8),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
+def test_every_shape_class_equals_the_official_tiling(vae, shape_class, backend):
+    h, w = SHAPE_CLASSES[shape_class]
+    latents = torch.randn(1, 32, 2, h, w, generator=torch.Generator().manual_seed(2)).numpy()
+    ours = decode(vae, latents, backend=backend, tiling=SEAM_TILES)
+    reference = _diffusers_tiled(latents, SEAM_TILES)
+    assert ours.shape == reference.shape == (1, 3, 5, 16 * h, 16 * w)
+    assert np.isfinite(ours).all()
+    assert rel_l2(ours, reference) <= 1e-5
+
+
+def test_every_bucket_decodes_to_its_full_size():
+    """The tile walk at the default tiling on every bucket of every family, with a stand-in
+    tile decoder (16x nearest upsampling): the kept pieces cover the canvas exactly."""
+    def upsample(tile: np.ndarray) -> np.ndarray:
+        return tile.repeat(16, axis=-2).repeat(16, axis=-1)
+
+    tiling = Tiling()
+    for resolution in RESOLUTION_BASE:
+        for height, width in buckets(resolution):
+            z = np.arange(height * width // 256, dtype=np.float32).reshape(1, 1, 1, height // 16, width // 16)
+            if height // 16 <= tiling.tile_latent and width // 16 <= tiling.tile_latent:
+                continue  # decoded whole
+            out = tiled(z, upsample, tiling)
+            assert out.shape[-2:] == (height, width), (resolution, height, width)
+            np.testing.assert_array_equal(out, upsample(z))  # seams blend equal pixels: nothing moves
 
 
 def test_jax_backend_equals_eager_torch(vae, latents):
@@ -157,3 +212,5 @@ def test_load_errors_name_the_problem(vae, tmp_path):
         load_vae(folder)
     with pytest.raises(InputError, match="tile_size 100"):
         Tiling(tile_px=100)
+    with pytest.raises(InputError, match="tile_overlap 0.25 of a tile_size 96 tile is 1.5 latent pixels"):
+        Tiling(tile_px=96, overlap=0.25)
