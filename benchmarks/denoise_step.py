@@ -3,26 +3,30 @@
     python benchmarks/denoise_step.py --depth 4 --hidden 256 --frames 33 --height 128 --width 128
 
 Builds the tiny preset widened to --hidden / --depth with seeded trained-scale weights, the
-seeded demo embeddings, and times --steps steps of each path after one untimed step; the jit
-path's trace + compile time is reported separately.
+seeded demo embeddings (trimmed as stage 2 trims them), and times --steps steps of each path,
+the two paths taking turns step by step (``timing.round_robin``) on one thread budget
+(--threads) after one untimed step each; min and median per path. The jit path's trace +
+compile time is reported separately; a busy machine stops the run (``--allow_busy``).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
-import time
+import timing
 
-import numpy as np
-import torch
+THREADS = timing.pin_threads(timing.threads_flag())
 
-from hunyuan_tpu import pipeline
-from hunyuan_tpu.config import widened_tiny
-from hunyuan_tpu.metrics import rel_l2
-from hunyuan_tpu.model import HunyuanVideo15DiT
-from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.runtime import jax_view
-from hunyuan_tpu.synthetic import stage1_embeddings
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hunyuan_tpu import attention, pipeline, runtime  # noqa: E402
+from hunyuan_tpu.config import widened_tiny  # noqa: E402
+from hunyuan_tpu.metrics import rel_l2  # noqa: E402
+from hunyuan_tpu.model import HunyuanVideo15DiT  # noqa: E402
+from hunyuan_tpu.random_init import randomize_like_trained_  # noqa: E402
+from hunyuan_tpu.runtime import jax_view  # noqa: E402
+from hunyuan_tpu.synthetic import stage1_embeddings  # noqa: E402
 
 
 def eager_step(model, conditions: dict[str, torch.Tensor], settings: pipeline.SamplingSettings, latents, i):
@@ -44,6 +48,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=attention.BACKENDS, default="auto",
+                   help="the jitted path's kernel, as stage 2's --attention (default: %(default)s)")
+    timing.add_flags(p)
     args = p.parse_args()
 
     cfg = widened_tiny(args.hidden, args.depth)
@@ -55,37 +62,44 @@ def main() -> None:
     conditions = pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=True)
     noise = pipeline.initial_noise(0, shape)
     tokens = int(np.prod(shape))
+    torch.set_num_threads(THREADS)
     print(f"model: {args.depth} blocks, hidden {args.hidden}, {sum(p.numel() for p in model.parameters()):,} "
           f"params, {args.dtype}; latents {shape} = {tokens} video tokens + "
           f"{conditions['prompt_embeds'].shape[1] + conditions['prompt_embeds_2'].shape[1]} text; CFG batch 2")
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(timing.budget_line(THREADS))
+    print(timing.check_quiet(args.allow_busy))
 
     torch_conditions = {k: torch.from_numpy(np.asarray(v)) for k, v in conditions.items()}
     torch_conditions["sigmas"] = torch.from_numpy(pipeline.scheduler.sigmas(settings.num_inference_steps, 5.0))
     for k in ("prompt_embeds", "prompt_embeds_2", "cond_latents"):
         torch_conditions[k] = torch_conditions[k].to(dtype)
-    eager_times, x = [], torch.from_numpy(noise)
-    with torch.no_grad():
-        for i in range(settings.num_inference_steps):
-            begin = time.perf_counter()
-            x = eager_step(model, torch_conditions, settings, x, i)
-            eager_times.append(time.perf_counter() - begin)
-    eager = x.numpy()
-
     params, _ = jax_view(model)
-    denoiser = pipeline.Denoiser(cfg, params, conditions, settings)
+    kernel = attention.kernel(args.attention, dtype=runtime.jax_dtype(dtype))
+    denoiser = pipeline.Denoiser(cfg, params, conditions, settings, attention=kernel)
     compile_s = denoiser.compile(noise.shape)
-    result = pipeline.denoise(denoiser, noise, progress=False)
-    jit_times = result.step_seconds
+    state = {"eager": torch.from_numpy(noise), "jit": denoiser.place(noise), "eager_i": 0, "jit_i": 0}
 
-    print(f"compile (trace + XLA): {compile_s:.2f} s")
-    for name, times in (("eager torch", eager_times), ("torchax jit", jit_times)):
-        steady = times[1:]
-        print(f"{name:12s}: first step {times[0]:.3f} s, then mean {np.mean(steady):.3f} s/step "
-              f"(min {np.min(steady):.3f}, {len(steady)} steps)")
-    print(f"speedup (eager / jit, steady state): {np.mean(eager_times[1:]) / np.mean(jit_times[1:]):.2f}x; "
-          f"latents rel L2 jit vs eager after {settings.num_inference_steps} steps: {rel_l2(result.latents, eager):.2e}")
+    @torch.no_grad()
+    def eager():
+        state["eager"] = eager_step(model, torch_conditions, settings, state["eager"], state["eager_i"])
+        state["eager_i"] += 1
+
+    def jit():
+        state["jit"], _ = denoiser.step(state["jit"], state["jit_i"])
+        state["jit"].block_until_ready()
+        state["jit_i"] += 1
+
+    times = timing.round_robin({"eager torch": eager, "torchax jit": jit}, repeats=args.steps, warmup=1)
+    print(f"compile (trace + XLA): {compile_s:.2f} s\n")
+    print("| path | min s/step | median s/step | steps |")
+    print("| --- | --- | --- | --- |")
+    for name, path_times in times.items():
+        fastest, median = timing.min_median(path_times)
+        print(f"| {name} | {fastest:.4f} | {median:.4f} | {len(path_times)} |")
+    ratio = timing.min_median(times["eager torch"])[1] / timing.min_median(times["torchax jit"])[1]
+    error = rel_l2(np.asarray(state["jit"]), state["eager"].numpy())
+    print(f"\neager / jit (medians): {ratio:.2f}x; latents rel L2 jit vs eager after {args.steps + 1} steps: "
+          f"{error:.2e}; load average {timing.load():.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ pieces, norm statistics, RoPE tables and the latents, are small).
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import platform
-import time
+import timing
+
+THREADS = timing.pin_threads(timing.threads_flag())
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -68,21 +72,35 @@ def measure_cpu(args) -> None:
     settings = pipeline.SamplingSettings(num_inference_steps=args.steps + 1, guidance_scale=6.0)
     print(f"{args.depth} blocks, hidden {args.hidden}, float32; latents {shape} = {math.prod(shape)} tokens + 48 "
           f"text, CFG 2; {jax.device_count()} virtual devices on {os.cpu_count()} CPU cores "
-          f"({platform.machine()}); mean of {args.steps} steps after 1\n")
-    print("| strategy | mesh | s/step | collectives per step (count, result size) | wire MiB/device | "
-          "args MiB/device | temp MiB/device |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"({platform.machine()}); {args.steps} steps per layout after 1, the layouts in turns")
+    print(timing.budget_line(THREADS))
+    print(timing.check_quiet(args.allow_busy) + "\n")
+    built, steps = {}, {}
     for name, mesh_spec in LAYOUTS:
         placement = layout(cfg, name, mesh_spec)
         params = random_params(cfg, torch.float32, seed=0, shardings=placement.params)
         denoiser = pipeline.Denoiser(cfg, params, conditions, settings, placement=placement)
         denoiser.compile((1, 32, *shape))
-        result = pipeline.denoise(denoiser, pipeline.initial_noise(0, shape), progress=False)
+        run = {"x": denoiser.place(pipeline.initial_noise(0, shape)), "i": 0}
+
+        def step(denoiser=denoiser, run=run):
+            run["x"], _ = denoiser.step(run["x"], run["i"] % settings.num_inference_steps)
+            run["x"].block_until_ready()
+            run["i"] += 1
+
+        built[(name, mesh_spec)], steps[(name, mesh_spec)] = denoiser, step
+    times = timing.round_robin(steps, args.steps, warmup=1)
+    print("| strategy | mesh | min s/step | median s/step | collectives per step (count, result size) | "
+          "wire MiB/device | args MiB/device | temp MiB/device |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, mesh_spec), denoiser in built.items():
         memory = denoiser.compiled.memory_analysis()
         collectives, wire = collective_line(denoiser.compiled)
-        print(f"| {name} | {mesh_spec} | {np.mean(result.step_seconds[1:]):.3f} | {collectives} | "
+        fastest, median = timing.min_median(times[(name, mesh_spec)])
+        print(f"| {name} | {mesh_spec} | {fastest:.3f} | {median:.3f} | {collectives} | "
               f"{wire / 2**20:.2f} | {memory.argument_size_in_bytes / 2**20:.1f} | "
               f"{memory.temp_size_in_bytes / 2**20:.1f} |")
+    print(f"\nload average {timing.load():.2f} at the end")
 
 
 def project(args) -> None:
@@ -158,7 +176,8 @@ def report_coverage(args) -> None:
     print("| --- | --- | --- | --- | --- |")
     for strategy in sharding.STRATEGIES.values():
         cover = parallel.coverage(strategy, shapes)
-        whole = sum(math.prod(s) for name, s in shapes.items() if all(a is None for a in parallel.param_spec(strategy, name)))
+        whole = sum(math.prod(s) for name, s in shapes.items()
+                    if all(a is None for a in parallel.param_spec(strategy, name)))
         print(f"| {strategy.name} | {len(strategy.params)} | {', '.join(cover.unmatched_rules) or 'none'} | "
               f"{cover.whole} of {cover.total} | {whole:,} |")
 
@@ -178,6 +197,7 @@ def main() -> None:
     p.add_argument("--byt5_tokens", type=int, default=64, help="projection: ByT5 slots after trimming")
     p.add_argument("--coverage", action="store_true", help="report each strategy's table over the --preset's "
                    "parameters: rules that match nothing, parameters left whole")
+    timing.add_flags(p)
     args = p.parse_args()
     if args.coverage:
         report_coverage(args)

@@ -53,36 +53,36 @@ canvas padding attended, the padded text slots of the last live text block atten
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime
-import functools
-import math
-import os
-import platform
-import statistics
-import sys
-import time
+import timing
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import torch.nn.functional as F
+THREADS = timing.pin_threads(timing.threads_flag())
 
-import sharding
-from hunyuan_tpu import attention, hlo, parallel, pipeline, projection, ssta
-from hunyuan_tpu.config import (
-    SPARSE_ATTN_MODE,
-    DiTConfig,
-    SparseAttention,
-    widened_tiny,
-)
-from hunyuan_tpu.metrics import rel_l2
-from hunyuan_tpu.model import Execution, HunyuanVideo15DiT, loop_blocks
-from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.runtime import tracing
-from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import sharding  # noqa: E402
+from hunyuan_tpu import attention, hlo, parallel, pipeline, projection, ssta  # noqa: E402
+from hunyuan_tpu.config import SPARSE_ATTN_MODE, DiTConfig, SparseAttention, widened_tiny  # noqa: E402
+from hunyuan_tpu.metrics import rel_l2  # noqa: E402
+from hunyuan_tpu.model import Execution, HunyuanVideo15DiT, loop_blocks  # noqa: E402
+from hunyuan_tpu.random_init import randomize_like_trained_  # noqa: E402
+from hunyuan_tpu.runtime import tracing  # noqa: E402
+from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings  # noqa: E402
 
 # the official text slots of a sparse model: 729 vision (masked in t2v) + 256 ByT5 + 1000 LLM
 VISION_SLOTS, BYT5_SLOTS, LLM_SLOTS = 729, 256, 1000
@@ -406,16 +406,10 @@ def project_report(args, canvases: list[Canvas]) -> None:
 
 # ---- one layer on this CPU -----------------------------------------------------------------------------
 
-def timed(fn, args, repeats: int) -> tuple[float, float]:
-    """(median seconds over ``repeats`` after one warm-up, compiled temporary bytes) of jit(fn)(*args)."""
+def compiled_call(fn, args) -> tuple[Callable[[], jax.Array], int]:
+    """(one call of jit(fn)(*args), waited for; the compiled temporary bytes)."""
     compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), compiled.memory_analysis().temp_size_in_bytes
+    return (lambda: jax.block_until_ready(compiled(*args))), compiled.memory_analysis().temp_size_in_bytes
 
 
 def masked_reference(q, k, v, selected: np.ndarray, bs: int, scale: float, budget: float = 5e8) -> np.ndarray:
@@ -436,6 +430,7 @@ def masked_reference(q, k, v, selected: np.ndarray, bs: int, scale: float, budge
 
 
 def cpu_report(args) -> None:
+    print(timing.check_quiet(args.allow_busy))
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     param = SparseAttention(tile_size=tuple(args.tile), win_size=tuple(args.window),
                             ssta_topk=args.topk or SparseAttention.ssta_topk)
@@ -475,31 +470,39 @@ def cpu_report(args) -> None:
           f"share {share:.3f}). {machine()}; load average {load()} at the start\n")
 
     sparse_fn = functools.partial(attention.block_sparse_xla, block_size=bs, scale=scale)
-    dense_fn = functools.partial(attention.xla_attention, scale=scale)
-    rows = []
-    sparse_s, sparse_temp = timed(sparse_fn, (q_j, k_j, v_j, blocks_j, counts_j), args.repeats)
     sparse_out = np.asarray(jax.jit(sparse_fn)(q_j, k_j, v_j, blocks_j, counts_j), np.float32)
     listed_pairs = float(kv_counts.sum()) * bs * bs
-    rows.append(("block_sparse_xla (portable)", sparse_s, sparse_temp, width * n * heads * bs * bs, listed_pairs))
-    if args.pallas:
-        pallas_fn = functools.partial(attention.block_sparse_pallas(interpret=True), block_size=bs, scale=scale)
-        pallas_s, pallas_temp = timed(pallas_fn, (q_j, k_j, v_j, blocks_j, counts_j), 1)
-        pallas_out = np.asarray(jax.jit(pallas_fn)(q_j, k_j, v_j, blocks_j, counts_j), np.float32)
-        rows.append(("block_sparse_pallas (interpret mode)", pallas_s, pallas_temp, listed_pairs, listed_pairs))
+    dense_pairs_ = float(length) * (length + live * bs) * heads
+    kernels = {"block_sparse_xla (portable)": (sparse_fn, (q_j, k_j, v_j, blocks_j, counts_j),
+                                               width * n * heads * bs * bs, listed_pairs)}
     dense_out = None
     if not args.no_dense:
-        dense_s, dense_temp = timed(dense_fn, (q_j, k_j, v_j, key_mask), args.repeats)
-        dense_out = np.asarray(jax.jit(dense_fn)(q_j, k_j, v_j, key_mask), np.float32)
-        dense_pairs_ = float(length) * (length + live * bs) * heads
-        rows.append(("xla_attention (dense, masked text)", dense_s, dense_temp, float(length) * keys * heads,
-                     dense_pairs_))
+        for name, fn in (("blocked_attention (dense, masked text; the CPU default)", attention.blocked_attention),
+                         ("xla_attention (dense, masked text; materialises the scores)", attention.xla_attention)):
+            kernels[name] = (functools.partial(fn, scale=scale), (q_j, k_j, v_j, key_mask),
+                             float(length) * keys * heads, dense_pairs_)
+        dense_out = np.asarray(jax.jit(kernels[name][0])(q_j, k_j, v_j, key_mask), np.float32)
+    calls, temps = {}, {}
+    for name, (fn, fn_args, _, _) in kernels.items():
+        calls[name], temps[name] = compiled_call(fn, fn_args)
+    times = timing.round_robin(calls, args.repeats)
+    rows = [(name, *timing.min_median(times[name]), temps[name], computed, needed)
+            for name, (_, _, computed, needed) in kernels.items()]
+    if args.pallas:
+        pallas_fn = functools.partial(attention.block_sparse_pallas(interpret=True), block_size=bs, scale=scale)
+        pallas_call, pallas_temp = compiled_call(pallas_fn, (q_j, k_j, v_j, blocks_j, counts_j))
+        pallas_s = timing.round_robin({"pallas": pallas_call}, 1)["pallas"][0]
+        pallas_out = np.asarray(jax.jit(pallas_fn)(q_j, k_j, v_j, blocks_j, counts_j), np.float32)
+        rows.append(("block_sparse_pallas (interpret mode; not a timing)", pallas_s, pallas_s, pallas_temp,
+                     listed_pairs, listed_pairs))
 
-    print("| kernel | median s | temp MiB (compiled) | query-key pairs computed (M) | of them attended (M) | "
-          "GFLOP/s computed |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, seconds, temp, computed, needed in rows:
-        print(f"| {name} | {seconds:.4f} | {temp / 2**20:.1f} | {computed / 1e6:.1f} | {needed / 1e6:.1f} | "
-              f"{4 * d * computed / seconds / 1e9:.1f} |")
+    print(f"{timing.budget_line(THREADS)}; the kernels take turns, {args.repeats} timed calls each after a warm-up\n")
+    print("| kernel | min s | median s | temp MiB (compiled) | query-key pairs computed (M) | of them attended (M) | "
+          "GFLOP/s computed (median) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, fastest, seconds, temp, computed, needed in rows:
+        print(f"| {name} | {fastest:.4f} | {seconds:.4f} | {temp / 2**20:.1f} | {computed / 1e6:.1f} | "
+              f"{needed / 1e6:.1f} | {4 * d * computed / seconds / 1e9:.1f} |")
 
     reference = masked_reference(q_j, k_j, v_j, selected.numpy(), bs, scale)
     print(f"\nrel L2 against dense float32 attention under the expanded block mask: block_sparse_xla "
@@ -609,6 +612,7 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--pallas", action="store_true", help="also the Pallas kernel in interpret mode (slow)")
     c.add_argument("--no_dense", action="store_true", help="skip timing dense attention")
+    timing.add_flags(c)
 
     d = sub.add_parser("drift", help="the whole DiT with SSTA against dense attention, same weights")
     d.add_argument("--hidden", type=int, default=256, help="8 heads (default: %(default)s)")

@@ -4,8 +4,11 @@
     python benchmarks/train_step.py --project v6e-8 --preset 480p_t2v --frames 121
 
 The first mode trains the tiny preset on one CPU device (synthetic batch, float32) for each
-setting and reports the compile time, the mean time of an update and the process's peak
-resident memory (VmHWM, reset before each setting).
+setting and reports the compile time, the process's peak resident memory (VmHWM, reset before
+each setting's compile and first update; the settings built before it stay in memory, so that
+they can take turns) and the min and median time of an update, the
+settings taking turns update by update (``timing.round_robin``) on one thread budget
+(--threads); a busy machine stops the run (``--allow_busy``).
 
 The second projects the full model's per-chip memory for a fine-tuning step (full: float32
 master weights and Muon/AdamW state; LoRA: the default targets, r 8, on a frozen bf16 base),
@@ -27,11 +30,15 @@ holds them in bf16.
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import time
-from pathlib import Path
+import timing
+
+THREADS = timing.pin_threads(timing.threads_flag())
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_enable_concurrency_optimized_scheduler=false")
@@ -40,7 +47,6 @@ import dataclasses  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sharding import IMG, TXT  # noqa: E402
@@ -78,9 +84,10 @@ def measure_cpu(args) -> None:
     samples, _ = training_samples(cfg, count=args.batch, latent=latent, seed=0)
     print(f"tiny preset ({cfg.mm_double_blocks_depth} blocks, hidden {cfg.hidden_size}), float32, batch {args.batch}"
           f" of latents {latent} ({math.prod(latent)} tokens) + 16 LLM + 8 ByT5 + 8 vision slots, i2v 30%; one CPU "
-          f"device of {os.cpu_count()} cores; mean of {args.steps} updates after 2\n")
-    print("| training | optimizer | remat | compile s | s/update | peak RSS GiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"device; {args.steps} updates per setting after 2, the settings in turns")
+    print(timing.budget_line(THREADS))
+    print(timing.check_quiet(args.allow_busy) + "\n")
+    rows, updates = {}, {}
     for (kind, optimizer), remat in [(k, r) for k in KINDS for r in (True, False)]:
         reset_host_peak()
         spec = lora_lib.LoRASpec() if kind == "lora" else None
@@ -89,19 +96,28 @@ def measure_cpu(args) -> None:
         base = random_params(cfg, torch.float32, seed=0)
         trainable, frozen = (base, {}) if spec is None else (
             {k: v.numpy() for k, v in lora_lib.init_adapter(meta_model(cfg), spec, 0).items()}, stack_blocks(base))
-        state = tr.init_state(trainable)
+        run = {"state": tr.init_state(trainable), "step": 0}
         batch = tr.place_batch(samples)
         begin = time.perf_counter()
-        tr.compile(state, frozen, batch, None)
+        tr.compile(run["state"], frozen, batch, None)
         compile_s = time.perf_counter() - begin
-        times = []
-        for step in range(args.steps + 2):
-            begin = time.perf_counter()
-            state, metrics = tr.step(state, frozen, batch, None, step_key(0, step))
+
+        def update(tr=tr, frozen=frozen, batch=batch, run=run):
+            run["state"], metrics = tr.step(run["state"], frozen, batch, None, step_key(0, run["step"]))
             jax.block_until_ready(metrics["loss"])
-            times.append(time.perf_counter() - begin)
-        print(f"| {kind} | {optimizer} | {'on' if remat else 'off'} | {compile_s:.1f} | {np.mean(times[2:]):.4f} | "
-              f"{host_peak_bytes() / 2**30:.2f} |", flush=True)
+            run["step"] += 1
+
+        update()
+        key = (kind, optimizer, "on" if remat else "off")
+        rows[key], updates[key] = (compile_s, host_peak_bytes()), update
+    times = timing.round_robin(updates, args.steps, warmup=1)
+    print("| training | optimizer | remat | compile s | min s/update | median s/update | "
+          "peak RSS GiB (the settings above still held) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, (compile_s, peak) in rows.items():
+        fastest, median = timing.min_median(times[key])
+        print(f"| {' | '.join(key)} | {compile_s:.1f} | {fastest:.4f} | {median:.4f} | {peak / 2**30:.2f} |")
+    print(f"\nload average {timing.load():.2f} at the end")
 
 
 def compile_one_block(cfg: DiTConfig, kind: str, optimizer: str, name: str, mesh_spec: str, shape, text: int,
@@ -211,6 +227,7 @@ def main() -> None:
     p.add_argument("--aspect_ratio", default="16:9", help="projection: bucket (default: %(default)s)")
     p.add_argument("--text_tokens", type=int, default=1000, help="projection: LLM slots (stage 1 pads to 1000)")
     p.add_argument("--byt5_tokens", type=int, default=256, help="projection: ByT5 slots (stage 1 pads to 256)")
+    timing.add_flags(p)
     args = p.parse_args()
     project(args) if args.project else measure_cpu(args)
 

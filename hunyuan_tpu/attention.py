@@ -52,6 +52,52 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+# An online softmax's running state: (max, sum of exponentials, weighted values), float32. The
+# max starts at a finite floor, so that a fully masked first block gives exp(-inf) = 0, not nan.
+Softmax = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _softmax_start(rows: tuple[int, ...], d: int) -> Softmax:
+    return jnp.full(rows, -1e30, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros((*rows, d), jnp.float32)
+
+
+def _softmax_fold(state: Softmax, s: jax.Array, v: jax.Array, subscripts: str) -> Softmax:
+    """Fold one block of float32 scores ``s`` (masked entries -inf) and its values into the state;
+    ``subscripts`` contracts the probabilities with ``v``."""
+    m, total, acc = state
+    m_next = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_next[..., None])
+    correction = jnp.exp(m - m_next)
+    acc = acc * correction[..., None] + jnp.einsum(subscripts, p.astype(v.dtype), v,
+                                                   preferred_element_type=jnp.float32)
+    return m_next, total * correction + p.sum(-1), acc
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, scale: float,
+                      block: int = 512) -> jax.Array:
+    """Dense attention as a loop over key blocks with an online softmax (flash attention in jnp):
+    the same result as ``xla_attention`` for a (B, 1, 1, S) key mask, with one (L, block) score
+    tile per head in memory instead of the (L, S) scores, which XLA:CPU would write and read
+    back several times (scores, mask, max, exponentials, sum). Every row needs a valid key."""
+    b, n, length, d = q.shape
+    kv_length = k.shape[2]
+    blocks = -(-kv_length // block)
+    block = _round_up(-(-kv_length // blocks), 8)  # equal blocks of at most ``block``: little padding
+    padded = blocks * block
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - kv_length), (0, 0)))  # noqa: E731
+    kb, vb = (pad(x).reshape(b, n, padded // block, block, d) for x in (k, v))
+    valid = jnp.pad(jnp.broadcast_to(key_mask, (b, 1, 1, kv_length))[:, 0, 0], ((0, 0), (0, padded - kv_length)))
+    valid = valid.reshape(b, padded // block, block)
+
+    def fold(state, j):
+        s = jnp.einsum("bnld,bnsd->bnls", q, kb[:, :, j], preferred_element_type=jnp.float32) * scale
+        s = jnp.where(valid[:, j][:, None, None], s, -jnp.inf)
+        return _softmax_fold(state, s, vb[:, :, j], "bnls,bnsd->bnld"), None
+
+    (_, total, acc), _ = jax.lax.scan(fold, _softmax_start((b, n, length), d), jnp.arange(blocks))
+    return (acc / total[..., None]).astype(q.dtype)
+
+
 def check_splash_blocks(block_q: int, block_kv: int, block_kv_compute: int) -> None:
     """Splash block sizes: positive multiples of 128, the computed slice dividing the kv block."""
     for name, size in (("splash_block_q", block_q), ("splash_block_kv", block_kv),
@@ -131,22 +177,25 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     return out.transpose(0, 2, 1, 3)
 
 
-BACKENDS = ("auto", "xla", "splash", "cudnn")
+BACKENDS = ("auto", "blocked", "xla", "splash", "cudnn")
 
 
 def kernel(name: str, *, platform: str | None = None, dtype=jnp.bfloat16, block_q: int = SPLASH_BLOCK_Q,
            block_kv: int = SPLASH_BLOCK_KV, block_kv_compute: int = SPLASH_BLOCK_KV_COMPUTE) -> Kernel:
     """The kernel for ``--attention NAME`` at compute ``dtype``; "auto" picks splash on TPU,
-    cuDNN on GPU (in bf16/fp16, the precisions it has; xla for float32), xla elsewhere.
+    cuDNN on GPU (in bf16/fp16, the precisions it has), and elsewhere ``blocked_attention``
+    (a loop over key blocks; "xla" is the plain reference that materialises the scores).
 
     Off TPU, splash runs in Pallas interpret mode (for tests; far too slow for real sizes).
     """
     platform = platform or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if name == "auto":
-        name = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
+        name = {"tpu": "splash", "gpu": "cudnn" if half else "blocked"}.get(platform, "blocked")
     if name == "xla":
         return xla_attention
+    if name == "blocked":
+        return blocked_attention
     if name == "splash":
         return splash_attention(block_q, block_kv, block_kv_compute, interpret=platform != "tpu")
     if name == "cudnn":
@@ -194,22 +243,14 @@ def block_sparse_xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_blocks: jax.Ar
     qb = q.reshape(b, n, nq, block_size, d)
     kb, vb = (x.reshape(b, n, nk, block_size, d) for x in (k, v))
 
-    def fold(carry, j):
-        m, total, acc = carry
+    def fold(state, j):
         index = kv_blocks[..., j][..., None, None]  # (B, N, nq, 1, 1): one key block per query block
         kj, vj = (jnp.take_along_axis(x, index, axis=2) for x in (kb, vb))
         s = jnp.einsum("bnqid,bnqjd->bnqij", qb, kj, preferred_element_type=jnp.float32) * scale
         s = jnp.where((j < kv_counts)[..., None, None], s, -jnp.inf)
-        m_next = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_next[..., None])
-        correction = jnp.exp(m - m_next)
-        acc = acc * correction[..., None] + jnp.einsum("bnqij,bnqjd->bnqid", p.astype(v.dtype), vj,
-                                                       preferred_element_type=jnp.float32)
-        return (m_next, total * correction + p.sum(-1), acc), None
+        return _softmax_fold(state, s, vj, "bnqij,bnqjd->bnqid"), None
 
-    # a finite floor for the running max: a masked first step then gives exp(-inf) = 0, not nan
-    init = (jnp.full((b, n, nq, block_size), -1e30, jnp.float32), jnp.zeros((b, n, nq, block_size), jnp.float32),
-            jnp.zeros((b, n, nq, block_size, d), jnp.float32))
+    init = _softmax_start((b, n, nq, block_size), d)
     (_, total, acc), _ = jax.lax.scan(fold, init, jnp.arange(kv_blocks.shape[-1]))
     return (acc / total[..., None]).reshape(b, n, length, d).astype(q.dtype)
 

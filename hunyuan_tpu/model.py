@@ -176,7 +176,8 @@ def joint_attention(img: QKV, txt: QKV, key_mask: torch.Tensor) -> tuple[torch.T
     """Dense attention over [img, txt] with a (B, L + S) key mask. Rows of masked tokens are
     zeros, as the official flash kernel leaves them: padded text rows never reach the image in
     a dense model, but in a sparse one SSTA attends the padded slots that share a block with
-    valid text, so their features must be the official ones."""
+    valid text, so their features must be the official ones. (Masking the whole output, not
+    the text part only, keeps the partitioner's collectives as they were without it.)"""
     q, k, v = (torch.cat(pair, 1) for pair in zip(img, txt))
     out = attention(q, k, v, key_mask) * key_mask[..., None]
     return out.split([img[0].shape[1], txt[0].shape[1]], dim=1)

@@ -97,12 +97,13 @@ def add_cache_group(p: argparse.ArgumentParser) -> None:
 def add_kernels_group(p: argparse.ArgumentParser) -> None:
     kernels = p.add_argument_group(
         "attention, profiling and compilation",
-        "Dense attention runs splash (Pallas) on TPU, cuDNN flash on GPU, plain XLA on CPU. A sparse model "
+        "Dense attention runs splash (Pallas) on TPU, cuDNN flash on GPU, blocked XLA on CPU. A sparse model "
         "(attn_mode flex-block-attn: the *_sparse checkpoints and presets) runs SSTA: its block lists are "
         "computed on device each step and its image queries go to a block-sparse kernel, Pallas on TPU and "
         "a portable XLA loop on GPU and CPU; its text queries use the dense kernel.")
     kernels.add_argument("--attention", choices=attention.BACKENDS,
-                         help="dense kernel: splash on TPU, cudnn on GPU, xla (plain jnp) (default: auto, by platform)")
+                         help="dense kernel: splash on TPU, cudnn on GPU, blocked (jnp, key blocks with an online "
+                         "softmax) elsewhere; xla is the plain jnp reference (default: auto, by platform)")
     kernels.add_argument("--sparse_attention", choices=attention.SPARSE_BACKENDS,
                          help="block-sparse kernel of a sparse model: pallas on TPU (interpreted elsewhere: tests "
                          "only), xla elsewhere (default: auto, by platform)")

@@ -36,10 +36,24 @@ def test_splash_matches_xla_with_padding(batch, heads, q_len, kv_len, dim, block
     assert rel_l2(got, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("kv_len,block", [(200, 64), (77, 512), (300, 128)])
+def test_blocked_matches_xla(kv_len, block):
+    """Key blocks the length does not divide, a block longer than the keys, masks of any pattern."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 3, 90, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 3, kv_len, 16)), jnp.float32) for _ in range(2))
+    mask = np.ones((2, 1, 1, kv_len), bool)
+    mask[0, ..., kv_len - 37:] = False
+    mask[1, ..., :40] = False  # a whole first block masked: the running max starts at a floor, not -inf
+    expected = attention.xla_attention(q, k, v, jnp.asarray(mask), 0.25)
+    got = jax.jit(attention.blocked_attention, static_argnums=(4, 5))(q, k, v, jnp.asarray(mask), 0.25, block)
+    assert rel_l2(got, expected) <= 1e-6
+
+
 def test_backend_choice():
-    assert attention.kernel("auto", platform="cpu") is attention.xla_attention
+    assert attention.kernel("auto", platform="cpu") is attention.blocked_attention
     assert attention.kernel("auto", platform="gpu") is attention.cudnn_attention
-    assert attention.kernel("auto", platform="gpu", dtype=jnp.float32) is attention.xla_attention
+    assert attention.kernel("auto", platform="gpu", dtype=jnp.float32) is attention.blocked_attention
     with pytest.raises(ValueError, match="attention cudnn needs bfloat16 or float16"):
         attention.kernel("cudnn", platform="gpu", dtype=jnp.float32)
     assert attention.kernel("xla", platform="tpu") is attention.xla_attention
