@@ -66,8 +66,12 @@ def test_three_stages_equal_generate(default_run, tmp_path):
     cli("stage1_text_encoder.py", "--prompt", PROMPT, "--output_dir", tmp_path)
     cli("stage2_transformer.py", "--input_dir", tmp_path)
     cli("stage3_vae_decoder.py", "--input_dir", tmp_path)
-    for name in ("embeddings.safetensors", "latents.safetensors", "first_frame.png"):
+    for name in ("embeddings.safetensors", "latents.safetensors"):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+    # The same latents decode to pixels that differ by ~3e-6 between this process (an XLA CPU
+    # client of 8 devices) and generate's (1 device), which moves a uint8 by one now and then.
+    staged = iio.imread(tmp_path / "first_frame.png").astype(int)
+    assert np.abs(staged - iio.imread(folder / "first_frame.png").astype(int)).max() <= 1
 
 
 def test_stage3_eager_torch_equals_jax(default_run, tmp_path):
