@@ -9,6 +9,7 @@ prints each run's compile time as stage 2 records it in config.json.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,8 @@ STAGE2 = Path(__file__).resolve().parents[1] / "run" / "stage2_transformer.py"
 
 def main() -> None:
     extra = sys.argv[1:]
+    print(f"load average {os.getloadavg()[0]:.2f} at the start (a cold compile must come first: the runs cannot "
+          "take turns)")
     with tempfile.TemporaryDirectory() as tmp:
         cache, out = Path(tmp) / "cache", Path(tmp) / "out"
         times = []
@@ -30,7 +33,8 @@ def main() -> None:
             times.append(record["compile_s"])
             print(f"{run}: compile {record['compile_s']:.2f} s, total {record['total_s']:.2f} s")
         print(f"the cache cut compile time by {times[0] / times[1]:.1f}x "
-              f"({sum(f.stat().st_size for f in cache.rglob('*') if f.is_file()) / 2**20:.1f} MiB cached)")
+              f"({sum(f.stat().st_size for f in cache.rglob('*') if f.is_file()) / 2**20:.1f} MiB cached); "
+              f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":
