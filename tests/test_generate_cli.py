@@ -168,6 +168,8 @@ def test_stage3_bad_input(default_run, tmp_path):
          "--vae /nonexistent: no such folder", tmp_path / "out")
     _bad("stage3_vae_decoder.py", ["--input_dir", folder, "--output_dir", tmp_path / "out", "--tile_size", 100],
          "--tile_size 100 must be a positive multiple of 16", tmp_path / "out")
+    _bad("stage3_vae_decoder.py", ["--input_dir", folder, "--output_dir", tmp_path / "out", "--tile_overlap", 0.3],
+         "--tile_overlap 0.3 of a --tile_size 256 tile is 4.8 latent pixels; it must be a whole number", tmp_path / "out")
     fresh = tmp_path / "fresh"  # stage 1 only: latents from an earlier run would be stale
     fresh.mkdir()
     (fresh / "config.json").write_text(json.dumps({k: v for k, v in config(folder).items() if k != "stage2"}))

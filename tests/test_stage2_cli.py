@@ -230,7 +230,22 @@ BAD_INPUTS = {
     "cache end": (lambda f: None, ["--enable_cache", "--num_inference_steps", 30],
                   r"--cache_end_step 45 is past the last step \(--num_inference_steps 30\)"),
     "cache blocks": (lambda f: None, ["--enable_cache", "--cache_keep_blocks", 3], "--cache_keep_blocks 3 must be between 1"),
+    "sparse kernel": (lambda f: _set_config(f, sparse_attention="flash"), [],
+                      "--sparse_attention 'flash' is not one of auto, xla, pallas"),
+    "splash block": (lambda f: None, ["--splash_block_q", 100], "--splash_block_q 100 must be a positive multiple of 128"),
+    "sparse checkpoint": (lambda f: _sparse_checkpoint(f, ssta_threshold=0.5), [],
+                          "attn_param ssta_threshold=0.5 is not implemented"),
 }
+
+
+def _sparse_checkpoint(folder: Path, **attn_param) -> None:
+    """A tiny checkpoint (in ``folder``/ckpt, the run's model) whose config.json asks for SSTA with
+    ``attn_param``."""
+    save_transformer(HunyuanVideo15DiT(DiTConfig.preset("tiny")), folder / "ckpt")
+    config = json.loads((folder / "ckpt" / "config.json").read_text())
+    config.update(attn_mode="flex-block-attn", attn_param=attn_param)
+    (folder / "ckpt" / "config.json").write_text(json.dumps(config))
+    _set_config(folder, model=str(folder / "ckpt"))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
