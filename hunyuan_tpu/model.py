@@ -172,14 +172,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2).flatten(2)
 
 
-def joint_attention(img: QKV, txt: QKV, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention over [img, txt] with a (B, L + S) key mask. Rows of masked tokens are
-    zeros, as the official flash kernel leaves them: padded text rows never reach the image in
-    a dense model, but in a sparse one SSTA attends the padded slots that share a block with
-    valid text, so their features must be the official ones. (Masking the whole output, not
-    the text part only, keeps the partitioner's collectives as they were without it.)"""
+def joint_attention(img: QKV, txt: QKV, key_mask: torch.Tensor, *, zero_masked_rows: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention over [img, txt] with a (B, L + S) key mask. Padded text rows never reach
+    the image of a dense model. In a sparse model's dense (hybrid) blocks ``zero_masked_rows``
+    sets them to zeros, as the official flash kernel leaves them, because SSTA attends the padded
+    slots that share a block with valid text. (Masking the whole output, not the text part only,
+    keeps the partitioner's collectives as they are without it.)"""
     q, k, v = (torch.cat(pair, 1) for pair in zip(img, txt))
-    out = attention(q, k, v, key_mask) * key_mask[..., None]
+    out = attention(q, k, v, key_mask)
+    if zero_masked_rows:
+        out = out * key_mask[..., None]
     return out.split([img[0].shape[1], txt[0].shape[1]], dim=1)
 
 
@@ -444,10 +447,11 @@ class HunyuanVideo15DiT(nn.Module):
             return [(span, joint_attention)] if span else []
         sparse = functools.partial(sparse_joint_attention, plan=ssta.plan(param, grid),
                                    sparse=self.execution.sparse_attention)
+        dense = functools.partial(joint_attention, zero_masked_rows=True)
         depth, runs, start = len(self.double_blocks), [], span.start
         for i in span:
             if i + 1 == span.stop or param.dense_at(i, depth) != param.dense_at(i + 1, depth):
-                runs.append((range(start, i + 1), joint_attention if param.dense_at(i, depth) else sparse))
+                runs.append((range(start, i + 1), dense if param.dense_at(i, depth) else sparse))
                 start = i + 1
         return runs
 

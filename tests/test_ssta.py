@@ -145,8 +145,12 @@ def test_padded_rows_are_zero_and_masked_vision_keeps_its_type_embedding():
     qkv = [torch.randn(2, 7, 2, 4, generator=g) for _ in range(6)]
     key_mask = torch.ones(2, 10, dtype=torch.bool)
     key_mask[0, 8:] = False
-    img, txt = joint_attention(tuple(qkv[:3]), (qkv[3][:, :3], qkv[4][:, :3], qkv[5][:, :3]), key_mask)
+    img, txt = joint_attention(tuple(qkv[:3]), (qkv[3][:, :3], qkv[4][:, :3], qkv[5][:, :3]), key_mask,
+                               zero_masked_rows=True)
     assert (txt[0, 1:] == 0).all() and (txt[0, 0] != 0).all() and (txt[1] != 0).all()
+    hybrid = HunyuanVideo15DiT(_dit_config(win_type="hybrid", win_ratio=2))
+    dense_runs = [attend for part, attend in hybrid._attention_runs(range(4), DIT_GRID) if part.start in (1, 3)]
+    assert len(dense_runs) == 2 and all(attend.keywords == {"zero_masked_rows": True} for attend in dense_runs)
 
     cfg = DiTConfig.preset("tiny")
     model = randomize_like_trained_(HunyuanVideo15DiT(cfg), seed=0)
