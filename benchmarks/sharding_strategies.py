@@ -2,6 +2,7 @@
 
     python benchmarks/sharding_strategies.py                 # measured on 8 virtual CPU devices
     python benchmarks/sharding_strategies.py --project v6e-8 --preset 720p_t2v --frames 121
+    python benchmarks/sharding_strategies.py --project v6e-8 --preset 1080p_sr_distilled --frames 121
     python benchmarks/sharding_strategies.py --coverage      # each table's rules over the parameters
 
 The first mode runs a small model on this machine's CPU split into 8 devices (so absolute
@@ -14,13 +15,10 @@ collectives and per-chip memory from the compiled step, and projects a step time
 per chip, collectives not overlapped with compute (an upper estimate; the fully overlapped
 lower estimate max(...) of the three is printed too). Attention is compiled as a stand-in
 with a flash kernel's HBM traffic and its FLOPs, 4 B N (L+S)^2 D per block, added
-analytically (see hunyuan_tpu/projection.py for why).
-
-The projection is compiled in float32: XLA's CPU backend has no bf16 matmul and would insert
-float32 copies of every weight (temporaries a TPU never makes). Weights are counted at their
-bf16 size exactly (from the sharding tables); activation memory, HBM traffic and collective
-bytes are the float32 figures halved, as the chip holds them in bf16 (the few float32
-pieces, norm statistics, RoPE tables and the latents, are small).
+analytically. The compile is ``projection.project_step``, which says why it runs in float32
+and counts bf16. A step samples as ``projection.preset_step`` says: CFG (batch 2) for the base
+presets, the preset's own sampling for super-resolution (guidance 1: batch 1, where the dp=2
+layouts have nothing to split), with the LR condition in its 98-channel input.
 """
 
 from __future__ import annotations
@@ -33,21 +31,16 @@ import argparse  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sharding  # noqa: E402
-from hunyuan_tpu import hlo, parallel, pipeline, projection  # noqa: E402
+from hunyuan_tpu import parallel, pipeline, projection  # noqa: E402
 from hunyuan_tpu.config import DiTConfig, widened_tiny  # noqa: E402
-from hunyuan_tpu.model import loop_blocks  # noqa: E402
 from hunyuan_tpu.params import random_params  # noqa: E402
-from hunyuan_tpu.runtime import jax_dtype, tracing  # noqa: E402
 from hunyuan_tpu.synthetic import full_text_conditions  # noqa: E402
 
 LAYOUTS = sharding.EIGHT_DEVICE_LAYOUTS
@@ -55,14 +48,6 @@ LAYOUTS = sharding.EIGHT_DEVICE_LAYOUTS
 
 def layout(cfg: DiTConfig, name: str, mesh_spec: str) -> parallel.Placement:
     return parallel.placement(cfg, name, mesh_spec, batch=2)
-
-
-def collective_line(compiled, scale: float = 1.0) -> tuple[str, float]:
-    """('kind count (result MiB), ...', bytes one device sends), sizes multiplied by ``scale``."""
-    ops = hlo.collectives(compiled.as_text())
-    parts = [f"{kind} {count} ({scale * nbytes / 2**20:.1f} MiB)"
-             for kind, (count, nbytes) in hlo.summary(ops).items() if count]
-    return ", ".join(parts) or "none", scale * sum(op.wire_bytes for op in ops)
 
 
 def measure_cpu(args) -> None:
@@ -95,7 +80,8 @@ def measure_cpu(args) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, mesh_spec), denoiser in built.items():
         memory = denoiser.compiled.memory_analysis()
-        collectives, wire = collective_line(denoiser.compiled)
+        kinds, wire = projection.collective_summary(denoiser.compiled)
+        collectives = projection.describe_collectives(kinds)
         fastest, median = timing.min_median(times[(name, mesh_spec)])
         print(f"| {name} | {mesh_spec} | {fastest:.3f} | {median:.3f} | {collectives} | "
               f"{wire / 2**20:.2f} | {memory.argument_size_in_bytes / 2**20:.1f} | "
@@ -110,62 +96,39 @@ def project(args) -> None:
         raise SystemExit(f"--project {args.project} needs {devices} devices; set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
     cfg = DiTConfig.preset(args.preset)
-    height, width = pipeline.bucket_size(cfg.ideal_resolution, args.aspect_ratio)
+    height, width = pipeline.bucket_size(args.resolution or cfg.ideal_resolution, args.aspect_ratio)
     shape = pipeline.latent_shape(args.frames, height, width)
-    conditions = full_text_conditions(cfg, shape, args.text_tokens, args.byt5_tokens)
-    settings = pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0)
-    dtype = jax_dtype(torch.float32)  # see the module docstring: halved to bf16 below
-    host = pipeline.device_conditions(conditions, settings, dtype)
+    cfg, conditions, settings = projection.preset_step(args.preset, shape, args.text_tokens, args.byt5_tokens)
+    batch = 2 if settings.cfg else 1
     text = args.text_tokens + args.byt5_tokens
+    what = "CFG batch 2" if settings.cfg else "no CFG (guidance 1): batch 1"
+    if cfg.super_resolution:
+        what += f", {cfg.img_in_channels} input channels (the LR condition included)"
     print(f"{args.preset} ({cfg.mm_double_blocks_depth} blocks, bf16) at {args.frames} frames {width}x{height}: "
-          f"latents {shape} = {math.prod(shape)} tokens + {text} text slots, CFG batch 2; projected on "
+          f"latents {shape} = {math.prod(shape)} tokens + {text} text slots, {what}; projected on "
           f"{args.project} ({chip.name}: {chip.peak_flops / 1e12:.0f} TFLOP/s, {chip.hbm_bytes / 1e9:.0f} GB HBM at "
           f"{chip.hbm_bandwidth / 1e12:.2f} TB/s, {chip.ici_bandwidth / 1e9:.0f} GB/s ICI out per chip)\n")
     print("| strategy | mesh | HBM need GB/chip (args + temp + out) | TFLOP/chip | HBM GB moved/chip | "
           "ICI GB sent/chip | collectives | compute s | memory s | ICI s | step s (overlapped) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, mesh_spec in LAYOUTS:
-        placement = layout(cfg, name, mesh_spec)
-        mesh, shardings = placement.mesh, placement.params
-        shapes = parallel.param_shapes(cfg)
-        abstract_params = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
-        replicated = placement.replicated
-        abstract_conditions = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=replicated)
-                               for k, v in host.items()}
-        latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=replicated)
-        begin = time.perf_counter()
-        # the blocks unrolled (and the weights per layer): XLA's cost analysis, read below,
-        # counts a loop body once, so the scanned step would show one block's FLOPs and bytes
-        with tracing(mesh, projection.attention_stand_in):
-            compiled = pipeline.step_function(cfg, settings, dtype, placement=placement, run_blocks=loop_blocks).lower(
-                abstract_params, abstract_conditions, latents, 0).compile()
-        compile_s = time.perf_counter() - begin
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        memory = compiled.memory_analysis()
-        weights = sum(2 * math.prod(shardings[k].shard_shape(s)) for k, s in shapes.items())  # bf16
-        other_args = memory.argument_size_in_bytes - 2 * weights  # conditions, latents (float32 here)
-        temp = memory.temp_size_in_bytes / 2
-        args_bytes = weights + other_args / 2
-        need = args_bytes + temp + memory.output_size_in_bytes
-        hbm_moved = cost["bytes accessed"] / 2
-        # attention is split by batch over dp and by heads over every other axis: over all chips
-        split = mesh.size
-        tokens = math.prod(shape) + -math.prod(shape) % placement.execution.token_multiple
-        attention = (cfg.mm_double_blocks_depth * projection.attention_flops(2, cfg.heads_num, tokens + text,
-                                                                             tokens + text, cfg.head_dim)
-                     + cfg.refiner_depth * projection.attention_flops(2, cfg.heads_num, args.text_tokens,
-                                                                      args.text_tokens, cfg.head_dim)) / split
-        flops = cost["flops"] + attention
-        collectives, wire = collective_line(compiled, scale=0.5)
-        r = projection.roofline(flops, hbm_moved, wire, chip)
-        print(f"| {name} | {mesh_spec} | {need / 1e9:.1f} ({args_bytes / 1e9:.1f} + "
-              f"{temp / 1e9:.1f} + {memory.output_size_in_bytes / 1e9:.2f}) | "
-              f"{flops / 1e12:.0f} | {hbm_moved / 1e9:.0f} | {wire / 1e9:.1f} | {collectives} | "
-              f"{r.compute_s:.2f} | {r.memory_s:.2f} | {r.comm_s:.2f} | {r.step_s:.2f} ({r.overlapped_s:.2f}) |",
-              flush=True)
-        print(f"<!-- {name} {mesh_spec}: compiled in {compile_s:.0f} s; non-attention {cost['flops'] / 1e12:.1f} "
-              f"TFLOP, attention {attention / 1e12:.1f} TFLOP per chip -->", flush=True)
+        try:
+            placement = parallel.placement(cfg, name, mesh_spec, batch=batch)
+        except ValueError:  # InputError: dp=2 with one sample
+            print(f"| {name} | {mesh_spec} | n/a: dp=2 needs 2 samples, this step has {batch} |" + " |" * 8, flush=True)
+            continue
+        attention = projection.dense_attention_flops(cfg, batch, projection.padded_tokens(shape, placement),
+                                                     args.text_tokens, args.byt5_tokens)
+        r = projection.project_step(cfg, placement, shape, conditions, settings, chip, attention_flops=attention)
+        fits = "" if r.fits(chip) else ": does not fit"
+        print(f"| {name} | {mesh_spec} | {r.need_bytes / 1e9:.1f} ({r.args_bytes / 1e9:.1f} + "
+              f"{r.temp_bytes / 1e9:.1f} + {r.output_bytes / 1e9:.2f}){fits} | "
+              f"{r.flops / 1e12:.0f} | {r.hbm_bytes / 1e9:.0f} | {r.wire_bytes / 1e9:.1f} | "
+              f"{projection.describe_collectives(r.collectives)} | {r.roofline.compute_s:.2f} | "
+              f"{r.roofline.memory_s:.2f} | {r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} "
+              f"({r.roofline.overlapped_s:.2f}) |", flush=True)
+        print(f"<!-- {name} {mesh_spec}: compiled in {r.compile_s:.0f} s; non-attention {r.compiled_flops / 1e12:.1f} "
+              f"TFLOP, attention {r.attention_flops / 1e12:.1f} TFLOP per chip -->", flush=True)
 
 
 def report_coverage(args) -> None:
@@ -192,6 +155,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="CPU mode: timed steps (default: %(default)s)")
     p.add_argument("--project", metavar="CHIP-N", help="project onto N chips, e.g. v6e-8")
     p.add_argument("--preset", default="720p_t2v", help="projection: model preset (default: %(default)s)")
+    p.add_argument("--resolution", help="projection: bucket family, e.g. 1080p (default: the preset's)")
     p.add_argument("--aspect_ratio", default="16:9", help="projection: bucket (default: %(default)s)")
     p.add_argument("--text_tokens", type=int, default=256, help="projection: LLM text slots after trimming")
     p.add_argument("--byt5_tokens", type=int, default=64, help="projection: ByT5 slots after trimming")

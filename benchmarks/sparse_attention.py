@@ -21,7 +21,7 @@ v6e-8 (``--project``) for ``720p_t2v_distilled_sparse`` (no CFG: batch 1, the of
 slots) beside dense ``720p_t2v`` with CFG (batch 2) and dense ``720p_t2v_distilled`` (batch 1),
 both with the text trimmed to the valid slots, per sharding strategy.
 
-The projection follows ``sharding_strategies.py --project`` (see its docstring): each step is
+The projection is ``sharding_strategies.py --project``'s (``projection.project_step``): each step is
 compiled abstractly in float32 on 8 virtual CPU devices with the blocks unrolled, XLA's cost
 analysis gives the FLOPs and HBM bytes (halved to bf16) and the HLO the collectives, and attention
 is compiled as a stand-in with a flash kernel's traffic (q, k, v read once, the output written
@@ -76,12 +76,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sharding  # noqa: E402
-from hunyuan_tpu import attention, hlo, parallel, pipeline, projection, ssta  # noqa: E402
+from hunyuan_tpu import attention, parallel, pipeline, projection, ssta  # noqa: E402
 from hunyuan_tpu.config import SPARSE_ATTN_MODE, DiTConfig, SparseAttention, widened_tiny  # noqa: E402
 from hunyuan_tpu.metrics import rel_l2  # noqa: E402
-from hunyuan_tpu.model import Execution, HunyuanVideo15DiT, loop_blocks  # noqa: E402
+from hunyuan_tpu.model import Execution, HunyuanVideo15DiT  # noqa: E402
 from hunyuan_tpu.random_init import randomize_like_trained_  # noqa: E402
-from hunyuan_tpu.runtime import tracing  # noqa: E402
 from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings  # noqa: E402
 
 # the official text slots of a sparse model: 729 vision (masked in t2v) + 256 ByT5 + 1000 LLM
@@ -258,19 +257,6 @@ def sparse_stand_in(q, k, v, kv_blocks, kv_counts, block_size, scale):
     return q + k[:, :, :length] + v[:, :, :length] + keep
 
 
-@dataclasses.dataclass(frozen=True)
-class Projected:
-    need_gb: float
-    tflop: float
-    attention_tflop: float
-    hbm_gb: float
-    kv_gb: float
-    wire_gb: float
-    collectives: str
-    roofline: projection.Roofline
-    compile_s: float
-
-
 def conditions_for(cfg: DiTConfig, shape, *, sparse: bool, llm_valid: int, byt5_valid: int, cfg_batch: bool):
     """Stage-1-like embeddings with ``llm_valid`` + ``byt5_valid`` valid slots: a sparse model gets the
     official padded slots (and the masked t2v vision tokens), a dense one the valid ones (trimmed)."""
@@ -283,44 +269,6 @@ def conditions_for(cfg: DiTConfig, shape, *, sparse: bool, llm_valid: int, byt5_
         emb[prefix + "prompt_mask"][:] = np.arange(emb[prefix + "prompt_mask"].shape[1]) < llm_valid
         emb[prefix + "prompt_mask_2"][:] = np.arange(emb[prefix + "prompt_mask_2"].shape[1]) < byt5_valid
     return pipeline.build_conditions(emb, task="t2v", shape=shape, cfg=cfg_batch, model=cfg)
-
-
-def collective_line(compiled, scale: float) -> tuple[str, float]:
-    ops = hlo.collectives(compiled.as_text())
-    parts = [f"{kind} {count} ({scale * nbytes / 2**20:.0f} MiB)"
-             for kind, (count, nbytes) in hlo.summary(ops).items() if count]
-    return ", ".join(parts) or "none", scale * sum(op.wire_bytes for op in ops)
-
-
-def project_step(cfg: DiTConfig, placement: parallel.Placement, shape, conditions, settings,
-                 attention_flops: float, kv_bytes: float, chip: projection.Chip) -> Projected:
-    """One step compiled abstractly (float32, blocks unrolled, attention kernels as stand-ins) and
-    put on ``chip``: ``attention_flops`` and ``kv_bytes`` are the whole step's (all chips)."""
-    dtype = jnp.float32
-    host = pipeline.device_conditions(conditions, settings, dtype)
-    shardings, shapes = placement.params, parallel.param_shapes(cfg)
-    params = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
-    conds = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.replicated)
-             for k, v in host.items()}
-    latents = jax.ShapeDtypeStruct((1, 32, *shape), jnp.float32, sharding=placement.replicated)
-    begin = time.perf_counter()
-    with tracing(placement.mesh, dense_stand_in, sparse_stand_in):
-        compiled = pipeline.step_function(cfg, settings, dtype, placement=placement, run_blocks=loop_blocks).lower(
-            params, conds, latents, 0).compile()
-    compile_s = time.perf_counter() - begin
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    memory = compiled.memory_analysis()
-    weights = sum(BF16 * math.prod(shardings[k].shard_shape(s)) for k, s in shapes.items())
-    other_args = memory.argument_size_in_bytes - 2 * weights
-    args_bytes = weights + other_args / 2
-    need = args_bytes + memory.temp_size_in_bytes / 2 + memory.output_size_in_bytes
-    split = placement.mesh.size  # attention: batch over dp, heads over every other axis
-    flops = cost["flops"] + attention_flops / split
-    hbm = cost["bytes accessed"] / 2 + kv_bytes / split
-    collectives, wire = collective_line(compiled, scale=0.5)
-    return Projected(need / 1e9, flops / 1e12, attention_flops / split / 1e12, hbm / 1e9, kv_bytes / split / 1e9,
-                     wire / 1e9, collectives, projection.roofline(flops, hbm, wire, chip), compile_s)
 
 
 def project_report(args, canvases: list[Canvas]) -> None:
@@ -352,7 +300,6 @@ def project_report(args, canvases: list[Canvas]) -> None:
         if c.frames not in args.project_frames:
             continue
         shape = c.plan.grid
-        tokens = math.prod(shape)
         for name, mesh_spec in layouts:
             for preset, sparse, cfg_batch in models:
                 if preset not in args.models:
@@ -367,7 +314,7 @@ def project_report(args, canvases: list[Canvas]) -> None:
                     reason = f"n/a: dp=2 needs 2 samples, this step has {batch}" if batch == 1 else str(e)
                     print(f"{prefix} {reason} |" + " |" * 7, flush=True)
                     continue
-                padded = tokens + -tokens % placement.execution.token_multiple
+                padded = projection.padded_tokens(shape, placement)
                 conditions = conditions_for(cfg, shape, sparse=sparse, llm_valid=llm_valid, byt5_valid=byt5_valid,
                                             cfg_batch=cfg_batch)
                 refiner = cfg.refiner_depth * projection.attention_flops(
@@ -380,14 +327,17 @@ def project_report(args, canvases: list[Canvas]) -> None:
                     pairs, kv = dense_pairs(padded, text), splash_kv_bytes(padded + text, padded + text)
                 attn = cfg.mm_double_blocks_depth * 4 * cfg.head_dim * cfg.heads_num * batch * pairs + refiner
                 kv_total = cfg.mm_double_blocks_depth * cfg.heads_num * batch * kv
-                r = project_step(cfg, placement, shape, conditions, settings, attn, kv_total, chip)
-                fits = "" if r.need_gb <= chip.hbm_bytes / 1e9 else ": does not fit"
-                print(f"{prefix} {r.need_gb:.1f}{fits} | {r.tflop:.0f} ({r.attention_tflop:.0f}) | {r.hbm_gb:.0f} "
-                      f"({r.kv_gb:.0f}) | {r.wire_gb:.1f} | {r.roofline.compute_s:.2f} | {r.roofline.memory_s:.2f} | "
-                      f"{r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} ({r.roofline.overlapped_s:.2f}) |",
-                      flush=True)
-                print(f"<!-- {c.frames} {name} {mesh_spec} {preset}: compiled in {r.compile_s:.0f} s; {r.collectives} "
-                      f"-->", flush=True)
+                r = projection.project_step(cfg, placement, shape, conditions, settings, chip, attention_flops=attn,
+                                            kv_bytes=kv_total, attention=dense_stand_in,
+                                            sparse_attention=sparse_stand_in)
+                fits = "" if r.fits(chip) else ": does not fit"
+                print(f"{prefix} {r.need_bytes / 1e9:.1f}{fits} | {r.flops / 1e12:.0f} "
+                      f"({r.attention_flops / 1e12:.0f}) | {r.hbm_bytes / 1e9:.0f} ({r.kv_bytes / 1e9:.0f}) | "
+                      f"{r.wire_bytes / 1e9:.1f} | "
+                      f"{r.roofline.compute_s:.2f} | {r.roofline.memory_s:.2f} | {r.roofline.comm_s:.2f} | "
+                      f"{r.roofline.step_s:.2f} ({r.roofline.overlapped_s:.2f}) |", flush=True)
+                print(f"<!-- {c.frames} {name} {mesh_spec} {preset}: compiled in {r.compile_s:.0f} s; "
+                      f"{projection.describe_collectives(r.collectives, digits=0)} -->", flush=True)
     cfg = DiTConfig.preset("720p_t2v_distilled_sparse")
     for c in canvases:
         if c.frames in args.project_frames:

@@ -18,7 +18,6 @@ from typing import Any
 # model implements only in that form. A config asking for anything else is rejected rather
 # than silently run with the wrong architecture.
 _FIXED_OFFICIAL: dict[str, Any] = {
-    "concat_condition": True,
     "mlp_act_type": "gelu_tanh",
     "mm_single_blocks_depth": 0,
     "qk_norm": True,
@@ -142,8 +141,12 @@ class DiTConfig:
     """Architecture of the HunyuanVideo-1.5 diffusion transformer (official key names)."""
 
     patch_size: tuple[int, int, int] = (1, 1, 1)
-    in_channels: int = 32  # latent channels; the patch embedding sees 2 * in_channels + 1
+    in_channels: int = 32  # latent channels (concat_condition: the patch embedding sees 2 * in_channels + 1)
     out_channels: int = 32
+    # True: the official multitask layout, the condition (image latents + mask) concatenated to the
+    # noisy latents inside the model. False: in_channels is the whole input, as in the SR models
+    # (98 = 32 noisy + 33 condition + 33 low-resolution condition).
+    concat_condition: bool = True
     hidden_size: int = 2048
     heads_num: int = 16
     mlp_width_ratio: float = 4.0
@@ -186,6 +189,10 @@ class DiTConfig:
             )
         if self.ideal_task not in (None, "t2v", "i2v"):
             raise ValueError(f"ideal_task must be 't2v', 'i2v' or null, got {self.ideal_task!r}")
+        if not self.concat_condition and self.in_channels != 3 * self.out_channels + 2:
+            raise ValueError(
+                f"in_channels {self.in_channels} with concat_condition false: the one such layout implemented is "
+                f"the super-resolution input, 3 * out_channels + 2 = {3 * self.out_channels + 2}")
 
     @property
     def sparse(self) -> SparseAttention | None:
@@ -205,9 +212,20 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_width_ratio)
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latents the model denoises."""
+        return self.out_channels
+
+    @property
     def img_in_channels(self) -> int:
-        """Channels of the model input: noisy latents, condition latents and a mask channel."""
-        return 2 * self.in_channels + 1
+        """Channels of the model input: noisy latents, condition latents and a mask channel (and,
+        for super-resolution, the low-resolution latents and theirs)."""
+        return 2 * self.in_channels + 1 if self.concat_condition else self.in_channels
+
+    @property
+    def super_resolution(self) -> bool:
+        """Whether the model is an SR DiT: its input also holds the upsampled low-resolution latents."""
+        return not self.concat_condition
 
     # ---- presets -------------------------------------------------------------------------
 
@@ -340,6 +358,16 @@ PRESETS: dict[str, DiTConfig] = {
     "720p_i2v_distilled_sparse": dataclasses.replace(
         _RELEASED, ideal_resolution="720p", ideal_task="i2v", attn_mode=SPARSE_ATTN_MODE,
         attn_param=SparseAttention()),
+    # Super-resolution (official transformer/<version>/config.json): the base architecture with the
+    # LR condition in its input, meanflow (it sees the next timestep too), dense attention, for t2v
+    # and i2v alike. The 720p file is public; the 1080p one is the same model at 1080p (see
+    # README.md, "Super-resolution").
+    "720p_sr_distilled": dataclasses.replace(
+        _RELEASED, in_channels=98, concat_condition=False, use_meanflow=True, ideal_resolution="720p",
+        ideal_task=None),
+    "1080p_sr_distilled": dataclasses.replace(
+        _RELEASED, in_channels=98, concat_condition=False, use_meanflow=True, ideal_resolution="1080p",
+        ideal_task=None),
     # Small enough that a forward runs in milliseconds on a laptop CPU, with 8 heads so that
     # every sharding strategy can split it over 8 devices; serves both t2v and i2v, at the
     # small "96p" buckets by default.
@@ -360,6 +388,11 @@ PRESETS: dict[str, DiTConfig] = {
 # 3 x 3 x 3 window over a grid of at most 3 tiles per axis would attend every block).
 PRESETS["tiny_sparse"] = dataclasses.replace(
     PRESETS["tiny"], attn_mode=SPARSE_ATTN_MODE, attn_param=SparseAttention(tile_size=(1, 2, 2), ssta_topk=4))
+
+
+# The tiny model as an SR DiT, from the tiny preset's 96p canvases to "144p".
+PRESETS["tiny_sr"] = dataclasses.replace(PRESETS["tiny"], in_channels=98, concat_condition=False,
+                                         use_meanflow=True, ideal_resolution="144p")
 
 
 def widened_tiny(hidden_size: int, depth: int) -> DiTConfig:

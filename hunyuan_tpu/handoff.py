@@ -7,7 +7,10 @@
                                      negative_* twins; for i2v vision_states (1, 729, 1152) and
                                      image_cond_latents (1, 32, 1, H/16, W/16)
     <folder>/latents.safetensors     stage 2: latents (1, 32, T, H/16, W/16), float32
-    <folder>/video.mp4               stage 3: the decoded video, H.264, 24 fps
+    <folder>/sr_latents.safetensors  the SR stage: latents of the high-resolution canvas; for i2v
+                                     stage 1 (--sr) adds sr_vision_states and sr_image_cond_latents,
+                                     the image's conditions at that canvas, to the embeddings
+    <folder>/video.mp4               stage 3: the decoded video (SR latents when there), H.264, 24 fps
     <folder>/first_frame.png         stage 3: its first frame
 
 Readers validate everything before anything is written, so bad input never clobbers output.
@@ -27,15 +30,18 @@ from .files import InputError, read_json, read_safetensors, save_safetensors, wr
 CONFIG_NAME = "config.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 LATENTS_NAME = "latents.safetensors"
+SR_LATENTS_NAME = "sr_latents.safetensors"
 VIDEO_NAME = "video.mp4"
 FIRST_FRAME_NAME = "first_frame.png"
 TEXT_KEYS = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
 I2V_KEYS = ("vision_states", "image_cond_latents")
+SR_PREFIX = "sr_"  # the i2v conditions at the super-resolution canvas
 TASKS = ("t2v", "i2v")
 
 
-def required_keys(task: str) -> tuple[str, ...]:
-    return TEXT_KEYS + tuple("negative_" + k for k in TEXT_KEYS) + (I2V_KEYS if task == "i2v" else ())
+def required_keys(task: str, sr: bool = False) -> tuple[str, ...]:
+    image_keys = tuple((SR_PREFIX if sr else "") + k for k in I2V_KEYS) if task == "i2v" else ()
+    return TEXT_KEYS + tuple("negative_" + k for k in TEXT_KEYS) + image_keys
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -65,13 +71,15 @@ def _expect(ok: bool, path: Path, message: str) -> None:
 
 
 def read_embeddings(
-    folder: str | Path, *, task: str, model: DiTConfig, latent_hw: tuple[int, int]
+    folder: str | Path, *, task: str, model: DiTConfig, latent_hw: tuple[int, int], sr: bool = False
 ) -> dict[str, np.ndarray]:
-    """Stage-1 tensors as numpy (states float32, masks int32), checked against the model."""
+    """Stage-1 tensors as numpy (states float32, masks int32), checked against the model; with
+    ``sr`` the i2v conditions are those of the SR canvas ``latent_hw``."""
     path = Path(folder) / EMBEDDINGS_NAME
     tensors, _ = read_safetensors(path)
-    missing = [k for k in required_keys(task) if k not in tensors]
-    _expect(not missing, path, f"missing tensor(s) {', '.join(missing)} (needed for {task})")
+    missing = [k for k in required_keys(task, sr) if k not in tensors]
+    hint = " (run stage 1 with {sr} for the SR stage's i2v conditions)" if sr and task == "i2v" else ""
+    _expect(not missing, path, f"missing tensor(s) {', '.join(missing)} (needed for {task}){hint}")
     widths = {"prompt_embeds": model.text_states_dim, "prompt_embeds_2": model.byt5_states_dim}
     for prefix in ("", "negative_"):
         for states, mask in (("prompt_embeds", "prompt_mask"), ("prompt_embeds_2", "prompt_mask_2")):
@@ -82,13 +90,15 @@ def read_embeddings(
             _expect(tuple(m.shape) == tuple(s.shape[:2]), path,
                     f"{prefix + mask} has shape {tuple(m.shape)}, expected {tuple(s.shape[:2])}")
     if task == "i2v":
-        v, c = tensors["vision_states"], tensors["image_cond_latents"]
+        prefix = SR_PREFIX if sr else ""
+        v, c = tensors[prefix + "vision_states"], tensors[prefix + "image_cond_latents"]
         _expect(v.ndim == 3 and v.shape[0] == 1 and v.shape[2] == model.vision_states_dim, path,
-                f"vision_states has shape {tuple(v.shape)}, expected (1, tokens, {model.vision_states_dim})")
-        expected = (1, model.in_channels, 1, *latent_hw)
-        _expect(tuple(c.shape) == expected, path, f"image_cond_latents has shape {tuple(c.shape)}, expected {expected}")
+                f"{prefix}vision_states has shape {tuple(v.shape)}, expected (1, tokens, {model.vision_states_dim})")
+        expected = (1, model.latent_channels, 1, *latent_hw)
+        _expect(tuple(c.shape) == expected, path,
+                f"{prefix}image_cond_latents has shape {tuple(c.shape)}, expected {expected}")
     out = {}
-    for key in required_keys(task):
+    for key in required_keys(task, sr):
         t = tensors[key]
         if "mask" in key:
             out[key] = t.to(torch.int32).numpy()
@@ -102,14 +112,14 @@ def write_embeddings(folder: str | Path, tensors: dict[str, torch.Tensor]) -> No
     save_safetensors(tensors, Path(folder) / EMBEDDINGS_NAME)
 
 
-def write_latents(folder: str | Path, latents: np.ndarray) -> Path:
-    path = Path(folder) / LATENTS_NAME
+def write_latents(folder: str | Path, latents: np.ndarray, name: str = LATENTS_NAME) -> Path:
+    path = Path(folder) / name
     save_safetensors({"latents": torch.tensor(np.asarray(latents, np.float32))}, path)
     return path
 
 
-def read_latents(folder: str | Path) -> np.ndarray:
-    path = Path(folder) / LATENTS_NAME
+def read_latents(folder: str | Path, name: str = LATENTS_NAME) -> np.ndarray:
+    path = Path(folder) / name
     tensors, _ = read_safetensors(path)
     _expect("latents" in tensors, path, "no 'latents' tensor")
     latents = tensors["latents"].float()

@@ -422,7 +422,8 @@ class FinalLayer(nn.Module):
 # ---- the model -------------------------------------------------------------------------------
 
 class HunyuanVideo15DiT(nn.Module):
-    """HunyuanVideo-1.5 DiT: 65-channel latents + text conditions -> 32-channel velocity."""
+    """HunyuanVideo-1.5 DiT: 65-channel latents (98 for super-resolution) + text conditions ->
+    32-channel velocity."""
 
     def __init__(self, config: DiTConfig, execution: Execution = Execution()):
         super().__init__()
@@ -509,9 +510,9 @@ class HunyuanVideo15DiT(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, Streams]:
         """Predict the flow-matching velocity.
 
-        x: (B, 65, T, H, W) = [noisy latents, condition latents, mask]; t: (B,) timesteps in
-        0..1000; text_states (B, S1, text_states_dim) with text_mask (B, S1); byt5_states
-        (B, S2, byt5_states_dim) with byt5_mask (B, S2); vision_states (B, S3,
+        x: (B, 65, T, H, W) = [noisy latents, condition latents, mask] (SR: 98, + LR latents, mask);
+        t: (B,) timesteps in 0..1000; text_states (B, S1, text_states_dim) with text_mask (B, S1);
+        byt5_states (B, S2, byt5_states_dim) with byt5_mask (B, S2); vision_states (B, S3,
         vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models;
         vision_mask (B, S3), where a batch mixes i2v samples (True) and t2v ones (False).
         Returns (B, 32, T, H, W).

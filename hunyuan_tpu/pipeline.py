@@ -37,11 +37,15 @@ VAE_TEMPORAL, VAE_SPATIAL = 4, 16
 # Bucket base size per resolution (official target_size_config): buckets hold about
 # (base / 16)^2 latent pixels at aspect ratios up to 4:1. "96p" is not an official family but
 # uses a base the official bucket code accepts (128); it is the tiny preset's, so that a
-# weight-free run has a canvas of about 8 x 8 latent pixels at any aspect ratio (160x96 at 16:9).
-RESOLUTION_BASE = {"96p": 128, "360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
+# weight-free run has a canvas of about 8 x 8 latent pixels at any aspect ratio (160x96 at 16:9);
+# "144p" (base 192, about 12 x 12) is its super-resolution target, 1.5x like 480p -> 720p.
+RESOLUTION_BASE = {"96p": 128, "144p": 192, "360p": 480, "480p": 640, "720p": 960, "1080p": 1440}
+# Super-resolution: the LR latents are noised at this strength, and the model sees them until the
+# timestep falls below 1000 times it (official ``noise_scale``).
+LQ_NOISE_STRENGTH = 0.7
 # The SigLIP tokens of an image (27 x 27); the official t2v pipeline passes as many zeros, masked.
 T2V_VISION_TOKENS = 729
-_MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents"})
+_MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents", "lr_latents"})
 
 
 # ---- per-run settings ------------------------------------------------------------------------
@@ -208,7 +212,11 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int |
 
     def step(params, conditions, latents, i, streams=None):
         sigma, sigma_next = conditions["sigmas"][i], conditions["sigmas"][i + 1]
-        x = jnp.concatenate([latents, conditions["cond_latents"]], axis=1).astype(dtype)
+        parts = [latents, conditions["cond_latents"]]
+        if "lr_latents" in conditions:  # super-resolution: the LR condition, all zeros (mask too) once t < 700
+            live = sigma * 1000 >= 1000 * LQ_NOISE_STRENGTH
+            parts.append(conditions["lr_latents"] * live.astype(conditions["lr_latents"].dtype))
+        x = jnp.concatenate(parts, axis=1).astype(dtype)
         batch = 2 if cfg else 1
         x = jnp.concatenate([x] * batch)
         t = jnp.full((batch,), sigma * 1000)

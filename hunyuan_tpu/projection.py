@@ -6,15 +6,34 @@ that is hundreds of GB); a blockwise loop instead is counted as one iteration. S
 compile the step with ``attention_stand_in`` (same inputs and output, the HBM traffic of a
 flash kernel: read q, k, v once, write the output once) and add the attention FLOPs from
 ``attention_flops``.
+
+``project_step`` is that compile for one denoising step, shared by the projections in
+``benchmarks/``. It runs on XLA's CPU backend in float32: that backend has no bf16 matmul and
+would insert float32 copies of every weight (temporaries a TPU never makes). Weights are counted
+at their bf16 size exactly (from the sharding tables); activation memory, HBM traffic and
+collective bytes are the float32 figures halved, as the chip holds them in bf16 (the few float32
+pieces, norm statistics, RoPE tables and the latents, are small).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from . import hlo, parallel, pipeline
 from .config import DiTConfig
+from .model import loop_blocks
+from .runtime import tracing
+from .super_resolution import SR_VERSIONS, sr_conditions
+from .synthetic import full_text_conditions, stage1_embeddings
+
+BF16 = 2  # bytes per value on the chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +113,145 @@ def dit_forward_flops(
     patch = 2 * image_tokens * config.img_in_channels * c
     final = 2 * 2 * c * c + 2 * image_tokens * c * config.out_channels
     return float(batch * (blocks + timesteps + refiner + byt5 + vision + patch + final))
+
+
+# ---- one denoising step, compiled abstractly ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepProjection:
+    """One chip's share of one denoising step (``project_step``), in bf16."""
+
+    weights_bytes: float  # exact, from the sharding tables
+    args_bytes: float  # the weights and the step's other arguments (conditions, latents)
+    temp_bytes: float  # activations and every other temporary XLA allocates
+    output_bytes: float  # the new latents (float32 on the chip too)
+    compiled_flops: float  # XLA's count: everything but attention
+    attention_flops: float  # added analytically (the stand-ins compute nothing)
+    hbm_bytes: float  # XLA's bytes accessed, plus the attention kernels' K/V re-reads
+    kv_bytes: float  # of them the K/V re-reads
+    wire_bytes: float  # sent over ICI
+    collectives: dict[str, tuple[int, float]]  # kind -> (count, result bytes)
+    roofline: Roofline
+    compile_s: float  # on this machine
+
+    @property
+    def need_bytes(self) -> float:
+        """HBM the step needs on one chip: arguments, temporaries and output."""
+        return self.args_bytes + self.temp_bytes + self.output_bytes
+
+    @property
+    def flops(self) -> float:
+        return self.compiled_flops + self.attention_flops
+
+    def fits(self, chip: Chip) -> bool:
+        return self.need_bytes <= chip.hbm_bytes
+
+
+def collective_summary(compiled, scale: float = 1.0) -> tuple[dict[str, tuple[int, float]], float]:
+    """(kind -> (count, result bytes), bytes one device sends) of a compiled program's
+    collectives, sizes multiplied by ``scale``."""
+    ops = hlo.collectives(compiled.as_text())
+    kinds = {kind: (count, scale * nbytes) for kind, (count, nbytes) in hlo.summary(ops).items()}
+    return kinds, scale * sum(op.wire_bytes for op in ops)
+
+
+def describe_collectives(kinds: dict[str, tuple[int, float]], digits: int = 1) -> str:
+    """'kind count (result MiB), ...' for the kinds that occur."""
+    parts = [f"{kind} {count} ({nbytes / 2**20:.{digits}f} MiB)" for kind, (count, nbytes) in kinds.items() if count]
+    return ", ".join(parts) or "none"
+
+
+def padded_tokens(shape: tuple[int, int, int], placement: parallel.Placement) -> int:
+    """Image tokens of a latent canvas after the strategy's padding (to a multiple of the axes
+    that split the sequence): what attention runs over."""
+    tokens = math.prod(shape)
+    return tokens + -tokens % placement.execution.token_multiple
+
+
+def dense_attention_flops(config: DiTConfig, batch: int, image_tokens: int, llm_tokens: int,
+                          byt5_tokens: int) -> float:
+    """Attention FLOPs of one dense forward, all chips: each double block over the image tokens
+    and every text slot, each refiner block over the LLM slots."""
+    joint = image_tokens + llm_tokens + byt5_tokens
+    return (config.mm_double_blocks_depth * attention_flops(batch, config.heads_num, joint, joint, config.head_dim)
+            + config.refiner_depth * attention_flops(batch, config.heads_num, llm_tokens, llm_tokens,
+                                                     config.head_dim))
+
+
+def project_step(
+    config: DiTConfig,
+    placement: parallel.Placement,
+    shape: tuple[int, int, int],
+    conditions: dict[str, np.ndarray],
+    settings: pipeline.SamplingSettings,
+    chip: Chip,
+    *,
+    attention_flops: float,
+    kv_bytes: float = 0.0,
+    attention: Callable = attention_stand_in,
+    sparse_attention: Callable | None = None,
+) -> StepProjection:
+    """One denoising step of ``config`` on a (T, H, W) latent canvas, laid out by ``placement``,
+    with the host ``conditions`` (``pipeline.build_conditions``'s; SR adds ``lr_latents``) and
+    ``settings``, lowered with abstract shapes (no weights are made), compiled, and put on ``chip``.
+
+    ``attention`` (and ``sparse_attention``) are the stand-in kernels it is traced with;
+    ``attention_flops`` and ``kv_bytes`` (the kernels' K/V re-reads the stand-ins leave out) are
+    the whole step's, all chips: attention is split by batch over dp and by heads over every other
+    axis, so each chip does 1 / mesh size of it.
+    """
+    dtype = jnp.float32  # see the module docstring: halved to bf16 in _on_chip
+    shardings, shapes = placement.params, parallel.param_shapes(config)
+    params = {k: jax.ShapeDtypeStruct(s, dtype, sharding=shardings[k]) for k, s in shapes.items()}
+    host = pipeline.device_conditions(conditions, settings, dtype)
+    conds = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=placement.replicated)
+             for k, v in host.items()}
+    latents = jax.ShapeDtypeStruct((1, pipeline.LATENT_CHANNELS, *shape), jnp.float32, sharding=placement.replicated)
+    kernels = (attention,) if sparse_attention is None else (attention, sparse_attention)
+    begin = time.perf_counter()
+    # the blocks unrolled (and the weights per layer): XLA's cost analysis counts a loop body
+    # once, so the scanned step would show one block's FLOPs and bytes
+    with tracing(placement.mesh, *kernels):
+        compiled = pipeline.step_function(config, settings, dtype, placement=placement, run_blocks=loop_blocks).lower(
+            params, conds, latents, 0).compile()
+    return _on_chip(compiled, placement, shapes, chip, attention_flops, kv_bytes, time.perf_counter() - begin)
+
+
+def _on_chip(compiled, placement: parallel.Placement, shapes: dict[str, tuple[int, ...]], chip: Chip,
+             attention_flops: float, kv_bytes: float, compile_s: float) -> StepProjection:
+    """The compiled float32 step's cost and memory, in bf16 per chip, with attention added."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    weights = sum(BF16 * math.prod(placement.params[k].shard_shape(s)) for k, s in shapes.items())
+    other_args = memory.argument_size_in_bytes - 2 * weights  # conditions, latents (float32 here)
+    split = placement.mesh.size
+    kinds, wire = collective_summary(compiled, scale=0.5)
+    flops = cost["flops"] + attention_flops / split
+    hbm = cost["bytes accessed"] / 2 + kv_bytes / split
+    return StepProjection(
+        weights_bytes=weights, args_bytes=weights + other_args / 2, temp_bytes=memory.temp_size_in_bytes / 2,
+        output_bytes=memory.output_size_in_bytes, compiled_flops=cost["flops"], attention_flops=attention_flops / split,
+        hbm_bytes=hbm, kv_bytes=kv_bytes / split, wire_bytes=wire, collectives=kinds,
+        roofline=roofline(flops, hbm, wire, chip), compile_s=compile_s)
+
+
+# ---- what a preset's step is given --------------------------------------------------------------
+
+def preset_step(preset: str, shape: tuple[int, int, int], llm_tokens: int,
+                byt5_tokens: int) -> tuple[DiTConfig, dict[str, np.ndarray], pipeline.SamplingSettings]:
+    """(config, host conditions, settings) of one t2v step of ``preset`` with exactly
+    ``llm_tokens`` + ``byt5_tokens`` text slots, every one valid. A super-resolution preset gets
+    its own sampling (guidance 1: no CFG, batch 1) and its LR condition (``lr_latents``, zeros:
+    only shapes matter); any other preset 50 steps with CFG (batch 2), whether or not distilled,
+    so that the projections compare layouts at one batch."""
+    config = DiTConfig.preset(preset)
+    if preset not in SR_VERSIONS:
+        return (config, full_text_conditions(config, shape, llm_tokens, byt5_tokens),
+                pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0))
+    emb = {k: v.numpy() for k, v in stage1_embeddings(
+        config, latent_hw=shape[1:], text_len=llm_tokens, byt5_len=byt5_tokens).items()}
+    emb["prompt_mask"][:], emb["prompt_mask_2"][:] = 1, 1
+    lq = np.zeros((1, pipeline.LATENT_CHANNELS, *shape), np.float32)
+    settings = SR_VERSIONS[preset].sampling
+    return config, sr_conditions(emb, lq, task="t2v", cfg=settings.cfg, model=config), settings

@@ -70,7 +70,7 @@ def stage1_embeddings(
         out[prefix + "prompt_mask_2"] = (torch.arange(byt5_len) < valid_2).long()[None]
     if task == "i2v":
         out["vision_states"] = torch.randn(1, vision_len, cfg.vision_states_dim, generator=g)
-        out["image_cond_latents"] = torch.randn(1, cfg.in_channels, 1, *latent_hw, generator=g)
+        out["image_cond_latents"] = torch.randn(1, cfg.latent_channels, 1, *latent_hw, generator=g)
     return out
 
 

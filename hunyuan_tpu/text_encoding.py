@@ -5,7 +5,8 @@ LLM: the prompt goes into the official chat template (a fixed system message tha
 video description, then the prompt as the user turn, then the assistant header), padded to
 ``crop_start + 1000`` tokens; the hidden state 3 from the end (``hidden_states[-3]``, no final
 norm) is kept from ``crop_start`` on, where ``crop_start`` is the position just after
-``<|im_start|>user\\n`` (108 with the Qwen2.5-VL tokenizer). An empty prompt is sent as " ".
+``<|im_start|>user\\n`` in the template around a fixed reference prompt (108 with the Qwen2.5-VL
+tokenizer), the same for every prompt. An empty prompt is sent as " ".
 
 ByT5: the distinct strings in "..." or “...” become ``Text "a". Text "b". ``, tokenized to 256
 bytes and encoded by the T5 encoder; a prompt without quotes gives zeros and an all-zero mask.
@@ -21,7 +22,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -37,6 +38,7 @@ LLM_MAX_LENGTH = 1000
 BYT5_MAX_LENGTH = 256
 HIDDEN_STATE_SKIP_LAYER = 2  # hidden_states[-(2 + 1)]
 USER_MARKER = "<|im_start|>user\n"
+REFERENCE_PROMPT = "a photo of a cat"  # the official TextEncoder's, for the crop position
 # The official PROMPT_TEMPLATE_ENCODE_VIDEO_JSON system message, byte for byte (its source
 # continues the string over lines with backslashes, which leaves 8 spaces before each item).
 VIDEO_SYSTEM_MESSAGE = (
@@ -98,9 +100,11 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llm(width: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Encoder:
-    """A 3-layer Qwen2.5-VL text model ``width`` wide with a byte-level tokenizer."""
-    tokenizer = byte_level_tokenizer()
+def tiny_llm(width: int, dtype: torch.dtype = torch.float32, seed: int = 0,
+             tokenizer: PreTrainedTokenizerBase | None = None) -> Encoder:
+    """A 3-layer Qwen2.5-VL text model ``width`` wide, reading ``tokenizer``'s tokens (default:
+    ``byte_level_tokenizer``)."""
+    tokenizer = tokenizer or byte_level_tokenizer()
     heads = 4
     half = width // heads // 2
     config = Qwen2_5_VLTextConfig(
@@ -145,8 +149,12 @@ def _tokenize_chat(tokenizer: PreTrainedTokenizerBase, prompt: str, **kwargs: An
     )
 
 
-def crop_start(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> int:
-    """Index of the first token after ``<|im_start|>user\\n``: the template's prefix ends there."""
+def crop_start(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Where every prompt's tokens are cut: the index just after ``<|im_start|>user\\n`` in the
+    template around ``REFERENCE_PROMPT``. The official TextEncoder finds it once, when it is built,
+    and cuts every prompt there; a prompt whose leading whitespace merges with the marker's newline
+    (Qwen's BPE joins "\\n\\n") has no marker of its own, and is still cut at that index."""
+    input_ids = _tokenize_chat(tokenizer, REFERENCE_PROMPT)["input_ids"][0].tolist()
     marker = tokenizer(USER_MARKER, add_special_tokens=False)["input_ids"]
     for i in range(len(input_ids) - len(marker) + 1):
         if input_ids[i:i + len(marker)] == marker:
@@ -154,17 +162,32 @@ def crop_start(tokenizer: PreTrainedTokenizerBase, input_ids: list[int]) -> int:
     raise InputError(f"the text encoder's tokenizer does not produce the {USER_MARKER!r} marker of the chat template")
 
 
-def encode_llm(encoder: Encoder, prompt: str, max_length: int = LLM_MAX_LENGTH) -> Encoded:
-    full = _tokenize_chat(encoder.tokenizer, prompt)["input_ids"][0].tolist()
-    start = crop_start(encoder.tokenizer, full)
-    dropped = max(0, len(full) - start - max_length)
-    tokens = _tokenize_chat(encoder.tokenizer, prompt, padding="max_length", truncation=True,
-                            max_length=start + max_length)
+# (encoder, input_ids, attention_mask) -> the states the encoding keeps, float32: the model's forward
+# eagerly on the host (``eager_llm``, ``eager_byt5``) or jitted on the accelerator (``encoder_runtime``)
+ModelCall = Callable[[Encoder, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def eager_llm(encoder: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``hidden_states[-3]`` of the language model, eagerly."""
     with torch.no_grad():
-        out = encoder.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                            output_hidden_states=True)
-    states = out.hidden_states[-(HIDDEN_STATE_SKIP_LAYER + 1)][:, start:]
-    return Encoded(states.float(), tokens["attention_mask"][:, start:].long(), dropped)
+        out = encoder.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states[-(HIDDEN_STATE_SKIP_LAYER + 1)].float()
+
+
+def llm_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str,
+               max_length: int = LLM_MAX_LENGTH) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The templated prompt padded to ``crop_start + max_length`` tokens (one shape for every
+    prompt), the crop position, and how many tokens truncation dropped."""
+    start = crop_start(tokenizer)
+    full = _tokenize_chat(tokenizer, prompt)["input_ids"][0].tolist()
+    tokens = _tokenize_chat(tokenizer, prompt, padding="max_length", truncation=True, max_length=start + max_length)
+    return tokens, start, max(0, len(full) - start - max_length)
+
+
+def encode_llm(encoder: Encoder, prompt: str, max_length: int = LLM_MAX_LENGTH, run: ModelCall = eager_llm) -> Encoded:
+    tokens, start, dropped = llm_tokens(encoder.tokenizer, prompt, max_length)
+    states = run(encoder, tokens["input_ids"], tokens["attention_mask"])
+    return Encoded(states[:, start:].float(), tokens["attention_mask"][:, start:].long(), dropped)
 
 
 # ---- ByT5 glyph encoder (google/byt5-small + Glyph-SDXL-v2 weights) --------------------------
@@ -252,13 +275,19 @@ def load_byt5(folder: Path, dtype: torch.dtype) -> Encoder:
     return Encoder(tokenizer, model.to(dtype).eval(), str(folder))
 
 
-def encode_byt5(encoder: Encoder, prompt: str, max_length: int = BYT5_MAX_LENGTH) -> Encoded:
+def eager_byt5(encoder: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The T5 encoder's last hidden state, eagerly."""
+    with torch.no_grad():
+        return encoder.model(input_ids=input_ids, attention_mask=attention_mask.float())[0].float()
+
+
+def encode_byt5(encoder: Encoder, prompt: str, max_length: int = BYT5_MAX_LENGTH,
+                run: ModelCall = eager_byt5) -> Encoded:
     text = glyph_prompt(prompt)
     if text is None:
         return Encoded(torch.zeros(1, max_length, encoder.width), torch.zeros(1, max_length, dtype=torch.long), 0)
     dropped = max(0, len(encoder.tokenizer(text)["input_ids"]) - max_length)
     tokens = encoder.tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
                                add_special_tokens=True, return_tensors="pt")
-    with torch.no_grad():
-        states = encoder.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"].float())[0]
+    states = run(encoder, tokens["input_ids"], tokens["attention_mask"])
     return Encoded(states.float(), tokens["attention_mask"].long(), dropped)

@@ -1,6 +1,6 @@
 """The video VAE: diffusers' ``AutoencoderKLHunyuanVideo15`` loaded from either checkpoint layout,
-decoded tile by tile (eager PyTorch or one jitted JAX function per tile shape), and the
-image encode that i2v conditions on.
+decoded tile by tile (eager PyTorch, or one jitted JAX function per tile shape that decodes
+a tile per device on all devices at once), and the image encode that i2v conditions on.
 
 The released VAE (1.26B parameters) compresses 16x in space and 4x in time into 32 channels.
 Decoding 720p x 121 frames whole does not fit in 80 GB; the official pipeline decodes 256-pixel
@@ -13,18 +13,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLHunyuanVideo15
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .files import InputError, read_json, read_safetensors
 from .pipeline import LATENT_CHANNELS, VAE_SPATIAL
 from .random_init import randomize_like_trained_
-from .runtime import jax_view, to_host_array
+from .runtime import JaxParams, jax_view, to_host_array
 
 Backend = Literal["torch", "jax"]
 BACKENDS: tuple[str, ...] = ("jax", "torch")
@@ -51,8 +53,8 @@ class Tiling:
             raise InputError(f"{{tile_size}} {self.tile_px} with {{tile_overlap}} {self.overlap} leaves no stride")
         seam = self.tile_latent * self.overlap
         if abs(seam - round(seam)) > 1e-9:  # the official VAE asserts it: else the kept pieces overlap or gap
-            raise InputError(f"{{tile_overlap}} {self.overlap} of a {{tile_size}} {self.tile_px} tile is {seam:g} latent "
-                             f"pixels; it must be a whole number")
+            raise InputError(f"{{tile_overlap}} {self.overlap} of a {{tile_size}} {self.tile_px} tile is {seam:g} "
+                             f"latent pixels; it must be a whole number")
 
     @property
     def tile_latent(self) -> int:
@@ -182,8 +184,6 @@ def vae_config_latent_channels(folder: str | Path) -> int:
 
 # ---- decoding --------------------------------------------------------------------------------
 
-
-
 def _blend_seam(prev: np.ndarray, cur: np.ndarray, extent: int, axis: int) -> None:
     """Cross-fade ``cur``'s first rows (or columns) from ``prev``'s last ones, in place."""
     extent = min(prev.shape[axis], cur.shape[axis], extent)
@@ -231,61 +231,129 @@ class StaticShapeDecoder(torch.nn.Module):
         return dec.conv_out(dec.conv_act(dec.norm_out(x)))
 
 
-def tile_decoder(vae: VAE, backend: Backend) -> Callable[[np.ndarray], np.ndarray]:
-    """``decode_tile(z) -> pixels``: the VAE decoder on one (1, C, T, h, w) latent tile, as float32.
+# (N, C, T, h, w) latent tiles of one shape -> (N, 3, 4(T-1)+1, 16h, 16w) float32 pixels
+TilesDecoder = Callable[[np.ndarray], np.ndarray]
+TILE_AXIS = "tiles"
 
-    ``torch`` runs diffusers' decoder eagerly. ``jax`` runs ``StaticShapeDecoder`` through torchax
-    as one jitted function, compiled once per tile shape (interior, edge and corner tiles: a few).
+
+def tile_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices``, its one axis over tiles. ``Mesh`` rather than ``jax.make_mesh``,
+    whose axes are Explicit by default in new JAX. The default is all of this process's devices
+    (``jax.devices()`` in a single process): the host reads every tile's pixels back to blend the
+    seams, which it cannot from another host's devices in a multi-host job."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    if not devices:
+        raise InputError("no devices to decode on")
+    return Mesh(np.array(devices), (TILE_AXIS,))
+
+
+def _replicated_on(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """``x`` (replicated on a superset of ``mesh``'s devices) replicated on ``mesh``, from the
+    buffers already there: no copy, so the weights live once per device however many meshes use them."""
+    buffers = {shard.device: shard.data for shard in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, NamedSharding(mesh, P()), [buffers[d] for d in mesh.devices.flat])
+
+
+def tiles_program(apply: Callable, mesh: Mesh) -> Callable:
+    """``apply(params, z)``, a decoder on one (1, C, T, h, w) tile, jitted over a stack of
+    ``mesh.size`` tiles split on the mesh: each device decodes its own tile with its own copy of
+    the weights, and nothing crosses devices."""
+    def decode_tile(params: JaxParams, z: jax.Array) -> jax.Array:  # named for compile logs: jit(decode_tile)
+        return apply(params, z)
+    return jax.jit(jax.shard_map(decode_tile, mesh=mesh, in_specs=(P(), P(TILE_AXIS)), out_specs=P(TILE_AXIS)))
+
+
+def tile_decoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | None = None) -> TilesDecoder:
+    """``decode_tiles(z) -> pixels``: the VAE decoder on a stack of same-shape latent tiles.
+
+    ``torch`` runs diffusers' decoder eagerly, one tile at a time (``devices`` unused). ``jax``
+    runs ``StaticShapeDecoder`` through torchax, jitted per device under ``shard_map``: N tiles
+    go to min(N, D) of the D ``devices`` (default: ``tile_mesh``'s), one tile per device per
+    call, in as many calls as it takes (the last one filled up with copies of the last tile,
+    whose pixels are dropped). Each device runs the one-tile program of a one-device decode, so
+    the pixels do not depend on the device count. A tile shape is compiled once per device
+    count it meets; ``tiled`` gives each shape of a canvas one count, hence one compile per
+    shape (a few: interior, edge and corner tiles).
     """
     dtype = vae.dtype
     if backend == "torch":
-        def decode_tile(z: np.ndarray) -> np.ndarray:
+        def decode_tiles_eagerly(z: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return vae.model.decoder(torch.from_numpy(z).to(dtype)).float().numpy()
-        return decode_tile
+                return np.concatenate([vae.model.decoder(torch.from_numpy(tile[None]).to(dtype)).float().numpy()
+                                       for tile in z])
+        return decode_tiles_eagerly
     if backend != "jax":
         raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    params, apply = jax_view(StaticShapeDecoder(vae.model.decoder))
-    jitted = jax.jit(apply)
+    mesh = tile_mesh(devices)
+    decoder = StaticShapeDecoder(vae.model.decoder)
+    params, apply = jax_view(decoder, shardings=dict.fromkeys(decoder.state_dict(), NamedSharding(mesh, P())))
+    programs: dict[int, tuple[Mesh, JaxParams, Callable]] = {}
 
-    def decode_tile(z: np.ndarray) -> np.ndarray:
+    def program(count: int) -> tuple[Mesh, JaxParams, Callable]:
+        """The decoder on the first ``count`` devices, and the weights there."""
+        if count not in programs:
+            sub = Mesh(mesh.devices[:count], (TILE_AXIS,))
+            programs[count] = sub, {k: _replicated_on(v, sub) for k, v in params.items()}, tiles_program(apply, sub)
+        return programs[count]
+
+    def decode_tiles(z: np.ndarray) -> np.ndarray:
+        n = z.shape[0]
+        sub, sub_params, jitted = program(min(n, mesh.size))
+        z = np.concatenate([z, np.repeat(z[-1:], -n % sub.size, axis=0)])
+        z = to_host_array(torch.from_numpy(z).to(dtype))
+        split = NamedSharding(sub, P(TILE_AXIS))
+        # every call dispatched before any result is read, so the host waits once
+        out = [jitted(sub_params, jax.device_put(z[k:k + sub.size], split)) for k in range(0, len(z), sub.size)]
         # a writable host copy: the seams are blended in place
-        return np.array(jitted(params, to_host_array(torch.from_numpy(z).to(dtype))), dtype=np.float32)
-    return decode_tile
+        return np.concatenate([np.asarray(o, dtype=np.float32) for o in out])[:n]
+    return decode_tiles
 
 
 def decode(
-    vae: VAE, latents: np.ndarray, *, backend: Backend = "jax", tiling: Tiling | None = Tiling()
+    vae: VAE, latents: np.ndarray, *, backend: Backend = "jax", tiling: Tiling | None = Tiling(),
+    devices: Sequence[jax.Device] | None = None,
 ) -> np.ndarray:
     """Denoised (1, C, T, H/16, W/16) latents -> (1, 3, 4(T-1)+1, H, W) float32 pixels in about [-1, 1].
 
     Latents are divided by the VAE's scaling factor first (the DiT works on scaled latents).
     With ``tiling``, a canvas larger than one tile on either side is decoded tile by tile
-    (``tiled``); otherwise whole.
+    (``tiled``), the tiles spread over ``devices`` (jax backend; default: all of this process's);
+    otherwise whole.
     """
     if latents.ndim != 5 or latents.shape[:2] != (1, vae.model.config.latent_channels):
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected "
                          f"(1, {vae.model.config.latent_channels}, T, H, W)")
     z = np.ascontiguousarray(latents / vae.scaling_factor, dtype=np.float32)
-    decode_tile = tile_decoder(vae, backend)
+    decode_tiles = tile_decoder(vae, backend, devices)
     _, _, _, h, w = z.shape
     if tiling is None or (h <= tiling.tile_latent and w <= tiling.tile_latent):
-        return decode_tile(z)
-    return tiled(z, decode_tile, tiling)
+        return decode_tiles(z)
+    return tiled(z, decode_tiles, tiling)
 
 
-def tiled(z: np.ndarray, decode_tile: Callable[[np.ndarray], np.ndarray], tiling: Tiling) -> np.ndarray:
+def tiled(z: np.ndarray, decode_tiles: TilesDecoder, tiling: Tiling) -> np.ndarray:
     """The official ``spatial_tiled_decode``: on both axes, whatever their size, tiles of
     ``tile_latent`` latent pixels start every ``stride_latent`` (the last ones may be slivers);
     each tile's first ``blend_px`` rows and columns are cross-faded from its upper and left
     neighbours (already blended, in row-major order), and its first ``tile_px - blend_px`` rows
     and columns are kept. The kept pieces add up to the whole canvas.
+
+    The tiles are independent until the blend, so those of one shape are decoded together
+    (``decode_tiles`` spreads them over devices); the blend then runs on the host as above.
     """
     _, _, _, h, w = z.shape
     size, stride = tiling.tile_latent, tiling.stride_latent
     keep = tiling.tile_px - tiling.blend_px
-    tiles = [[decode_tile(np.ascontiguousarray(z[..., i:i + size, j:j + size])) for j in range(0, w, stride)]
-             for i in range(0, h, stride)]
+    corners = [(i, j) for i in range(0, h, stride) for j in range(0, w, stride)]
+    by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for i, j in corners:
+        by_shape.setdefault(z[..., i:i + size, j:j + size].shape, []).append((i, j))
+    decoded: dict[tuple[int, int], np.ndarray] = {}
+    for group in by_shape.values():
+        pixels = decode_tiles(np.concatenate([z[..., i:i + size, j:j + size] for i, j in group]))
+        decoded.update((corner, pixels[k:k + 1]) for k, corner in enumerate(group))
+    tiles = [[decoded[i, j] for j in range(0, w, stride)] for i in range(0, h, stride)]
     rows = []
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):

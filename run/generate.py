@@ -1,13 +1,15 @@
-"""From prompt to video in one command: stage 1 (encoders), stage 2 (DiT), stage 3 (VAE).
+"""From prompt to video in one command: stage 1 (encoders), stage 2 (DiT), with --sr the
+super-resolution stage (SR DiT), stage 3 (VAE).
 
     python run/generate.py --prompt "A cat walks on the grass, realistic"        # tiny, weight-free
+    python run/generate.py --prompt "A cat walks on the grass, realistic" --sr   # and SR, 96p -> 144p
     python run/generate.py --prompt "..." --image first.png --model ckpts/transformer/480p_i2v \\
         --text_encoder ckpts/text_encoder/llm --byt5 ckpts/text_encoder/Glyph-SDXL-v2 \\
         --vision_encoder ckpts/vision_encoder/siglip --vae ckpts/vae
 
-Takes the union of the three stages' flags and runs them in one process, in a temporary folder
-beside --output_dir; only when all three succeed are their files moved into --output_dir, so a
-failure (bad input found by any stage) leaves nothing behind.
+Takes the union of the stages' flags (the SR model's prefixed with sr_) and runs them in one
+process, in a temporary folder beside --output_dir; only when all succeed are their files moved
+into --output_dir, so a failure (bad input found by any stage) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Sequence
 import jax
 
 import stage1_text_encoder as stage1
+import stage2_sr
 import stage2_transformer as stage2
 import stage3_vae_decoder as stage3
 from hunyuan_tpu import handoff
@@ -47,8 +50,26 @@ def build_parser() -> Parser:
     stage2.add_cache_group(p)
     stage2.add_kernels_group(p)
     stage2.add_run_group(p, checkpoints=False)
+    stage1.add_sr_flag(stage2_sr.add_sr_model_group(p, prefix="sr_"))
     stage3.add_decode_group(p)
     return p
+
+
+# generate.py's flags for the SR stage, under the names the SR stage takes them by
+SR_FLAGS = {"sr_model": "model", "sr_num_inference_steps": "num_inference_steps",
+            "sr_guidance_scale": "guidance_scale", "sr_flow_shift": "flow_shift"}
+
+
+def sr_args(args: argparse.Namespace, folder: str) -> argparse.Namespace:
+    """The SR stage's flags: the devices, kernels, dtype and seed of the base run, its own model and
+    sampling; no feature cache (its few steps would be the base run's schedule)."""
+    own = stage_args(stage2_sr.build_parser(), args, input_dir=folder, output_dir=folder)
+    for cache_flag in ("enable_cache", "cache_start_step", "cache_end_step", "cache_step_interval",
+                       "cache_keep_blocks"):
+        setattr(own, cache_flag, None)
+    for flag, name in SR_FLAGS.items():
+        setattr(own, name, getattr(args, flag))
+    return own
 
 
 def stage_args(stage_parser: argparse.ArgumentParser, args: argparse.Namespace, **io: str) -> argparse.Namespace:
@@ -73,18 +94,22 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
         folder = str(work)
         stage1.run(stage_args(stage1.build_parser(), args, output_dir=folder))
         stage2.run(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder), devices)
-        stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder))
+        if args.sr:
+            stage2_sr.run(sr_args(args, folder), devices)
+        stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder), devices)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in (handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME,
-                     handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
+        names = [handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME]
+        if args.sr:
+            names.append(handoff.SR_LATENTS_NAME)
+        for name in (*names, handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
             os.replace(work / name, out_dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = read_json(out_dir / handoff.CONFIG_NAME)
-    seconds = {f"stage{i}": config[f"stage{i}"]["total_s"] for i in (1, 2, 3)}
+    stages = [("stage 1", "stage1"), ("stage 2", "stage2"), *([("SR", "sr")] if args.sr else []), ("stage 3", "stage3")]
+    times = ", ".join(f"{label} {config[key]['total_s']:.2f} s" for label, key in stages)
     total_s = time.perf_counter() - started
-    print(f"generate: stage 1 {seconds['stage1']:.2f} s, stage 2 {seconds['stage2']:.2f} s, "
-          f"stage 3 {seconds['stage3']:.2f} s | total {total_s:.2f} s -> {out_dir / handoff.VIDEO_NAME}")
+    print(f"generate: {times} | total {total_s:.2f} s -> {out_dir / handoff.VIDEO_NAME}")
     return 0
 
 

@@ -27,6 +27,7 @@ from hunyuan_tpu import text_encoding as te
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import bucket_size, latent_shape
+from hunyuan_tpu.super_resolution import hr_bucket, sr_version
 from hunyuan_tpu.vae import encode_image, load_vae, tiny_vae, vae_config_latent_channels
 from stage_cli import DTYPES, Parser, add_model_flag, add_vae_group, add_video_group, dtype_of, model_config, run_main
 
@@ -39,6 +40,17 @@ def add_prompt_group(p: argparse.ArgumentParser) -> None:
     prompt.add_argument("--image", metavar="FILE", help="first frame for image-to-video (i2v); without it, t2v")
 
 
+def add_sr_flag(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--sr", action="store_true", default=None,
+                       help="super-resolution after the base run (480p -> 720p, 720p -> 1080p): stage 1 also encodes "
+                       "the i2v image at the SR canvas, stage 3 decodes the SR latents")
+
+
+# (flag, what it sets, default): the official pipeline runs the LLM and SigLIP in float16, ByT5 in float32
+ENCODER_DTYPES = (("text_encoder_dtype", "Qwen2.5-VL", "float16"), ("byt5_dtype", "ByT5", "float32"),
+                  ("vision_encoder_dtype", "SigLIP", "float16"))
+
+
 def add_encoder_group(p: argparse.ArgumentParser) -> None:
     enc = p.add_argument_group("encoders (default for each: a tiny one with seeded random weights)")
     enc.add_argument("--text_encoder", metavar="DIR", help="Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)")
@@ -46,7 +58,10 @@ def add_encoder_group(p: argparse.ArgumentParser) -> None:
                      "byt5-small/ (ckpts/text_encoder/Glyph-SDXL-v2)")
     enc.add_argument("--vision_encoder", metavar="DIR", help="SigLIP folder from FLUX.1-Redux-dev, i2v only "
                      "(ckpts/vision_encoder/siglip)")
-    enc.add_argument("--encoder_dtype", choices=sorted(DTYPES), help="encoders' dtype (default: bfloat16)")
+    for flag, what, default in ENCODER_DTYPES:
+        enc.add_argument(f"--{flag}", choices=sorted(DTYPES),
+                         help=f"{what} dtype (default: {default}, as the official pipeline; bfloat16 is faster "
+                         "on TPU, at the drift measured in BENCHMARKS.md)")
 
 
 def build_parser() -> Parser:
@@ -57,6 +72,7 @@ def build_parser() -> Parser:
     add_prompt_group(p)
     model = p.add_argument_group("model")
     add_model_flag(model)
+    add_sr_flag(model)
     add_encoder_group(p)
     add_vae_group(p)
     add_video_group(p)
@@ -107,22 +123,32 @@ class Settings:
     task: str
     model: str
     config: DiTConfig
-    encoder_dtype: torch.dtype
+    encoder_dtypes: dict[str, torch.dtype]  # by ENCODER_DTYPES flag
     vae_dtype: torch.dtype
     canvas: dict
     out_dir: Path
+    sr_resolution: str | None  # with --sr: the family of the SR canvas
+
+    def sr_canvas(self, image) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(height, width) of the SR canvas (the image latents) and of SigLIP's crop there: the
+        SR pipeline maps the canvas to its HR bucket, and crops the image for SigLIP at the HR
+        family's bucket closest to the image itself."""
+        hr = hr_bucket(self.canvas["height"], self.canvas["width"], self.sr_resolution)
+        return hr, ic.image_bucket(image, self.sr_resolution)
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     """The settings, and the i2v image (None for t2v), each value checked."""
-    if not args.prompt or not args.prompt.strip():
-        raise InputError("--prompt is empty: describe the video")
+    if args.prompt is None:
+        raise InputError("--prompt is missing: describe the video")
+    if not args.prompt.strip():  # the official pipeline encodes it (an empty one as " "): so does this
+        print("warning: --prompt is only whitespace: the video follows no description", file=sys.stderr)
     model_name = args.model or "tiny"
     config = model_config(model_name)
     task = "i2v" if args.image else "t2v"
     if config.ideal_task not in (None, task):
         raise InputError(f"--model {model_name} is trained for {config.ideal_task}, but the run is {task}")
-    encoder_dtype = dtype_of("--encoder_dtype", args.encoder_dtype or "bfloat16")
+    encoder_dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
     vae_dtype = dtype_of("--vae_dtype", args.vae_dtype or "float32")
     if task == "t2v" and args.vision_encoder:
         raise InputError("--vision_encoder is for i2v: give --image too")
@@ -132,13 +158,14 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     _check_width("--byt5", args.byt5, te.byt5_width, config.byt5_states_dim, model_name)
     if task == "i2v":
         _check_width("--vision_encoder", args.vision_encoder, ic.siglip_width, config.vision_states_dim, model_name)
-        if args.vae and (channels := vae_config_latent_channels(args.vae)) != config.in_channels:
-            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes {config.in_channels}")
+        if args.vae and (channels := vae_config_latent_channels(args.vae)) != config.latent_channels:
+            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes {config.latent_channels}")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
-    settings = Settings(args.prompt, args.negative_prompt or "", task, model_name, config, encoder_dtype, vae_dtype,
-                        canvas, out_dir)
+    sr_resolution = DiTConfig.preset(sr_version(config, canvas["resolution"])).ideal_resolution if args.sr else None
+    settings = Settings(args.prompt, args.negative_prompt or "", task, model_name, config, encoder_dtypes, vae_dtype,
+                        canvas, out_dir, sr_resolution)
     return settings, image
 
 
@@ -161,20 +188,22 @@ def _model(path: str | None, load: Callable[[], object], tiny: Callable[[], obje
 
 def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
     """The encoders the flags name, or tiny ones with seeded random weights."""
-    config, dtype = s.config, s.encoder_dtype
+    config, dtypes = s.config, s.encoder_dtypes
+    dtype = dtypes["text_encoder_dtype"]
     llm = _model(args.text_encoder, lambda: te.load_llm(Path(args.text_encoder), dtype),
                  lambda: te.tiny_llm(config.text_states_dim, dtype),
                  "the text encoder (Qwen2.5-VL language model)", "--text_encoder", f"{config.text_states_dim} wide")
-    byt5 = _model(args.byt5, lambda: te.load_byt5(Path(args.byt5), dtype),
-                  lambda: te.tiny_byt5(config.byt5_states_dim, dtype),
+    byt5 = _model(args.byt5, lambda: te.load_byt5(Path(args.byt5), dtypes["byt5_dtype"]),
+                  lambda: te.tiny_byt5(config.byt5_states_dim, dtypes["byt5_dtype"]),
                   "the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
     if s.task != "i2v":
         return Encoders(llm, byt5)
+    dtype = dtypes["vision_encoder_dtype"]
     vision = _model(args.vision_encoder, lambda: ic.load_siglip(Path(args.vision_encoder), dtype),
                     lambda: ic.tiny_siglip(config.vision_states_dim, dtype),
                     "the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
-    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype), lambda: tiny_vae(config.in_channels, s.vae_dtype),
-                 "the VAE", "--vae", f"{config.in_channels} latent channels")
+    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype), lambda: tiny_vae(config.latent_channels, s.vae_dtype),
+                 "the VAE", "--vae", f"{config.latent_channels} latent channels")
     return Encoders(llm, byt5, vision, vae)
 
 
@@ -196,9 +225,16 @@ def encode(s: Settings, encoders: Encoders, image) -> tuple[dict[str, torch.Tens
         fitted = ic.resize_center_crop(image, s.canvas["height"], s.canvas["width"])
         tensors["vision_states"] = ic.encode_siglip(encoders.vision, fitted)
         tensors["image_cond_latents"] = encode_image(encoders.vae, ic.to_pixels(fitted))
+        if s.sr_resolution:
+            (hr_h, hr_w), (crop_h, crop_w) = s.sr_canvas(image)
+            crop = ic.resize_center_crop(image, crop_h, crop_w)
+            tensors["sr_vision_states"] = ic.encode_siglip(encoders.vision, crop)
+            tensors["sr_image_cond_latents"] = encode_image(
+                encoders.vae, ic.to_pixels(ic.resize_center_crop(image, hr_h, hr_w)))
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise InputError(f"the encoders produced non-finite values in {', '.join(bad)} (try --encoder_dtype float32)")
+        raise InputError(f"the encoders produced non-finite values in {', '.join(bad)} "
+                         "(try float32: --text_encoder_dtype, --byt5_dtype, --vision_encoder_dtype)")
     record = {
         "prompt_tokens": int(positive.mask.sum()), "negative_prompt_tokens": int(negative.mask.sum()),
         "glyph_texts": te.glyph_texts(s.prompt), "glyph_tokens": int(glyphs.mask.sum()),
@@ -223,11 +259,12 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "text_encoder": encoders.llm.source, "byt5": encoders.byt5.source,
         "vision_encoder": encoders.vision.source if encoders.vision else None,
-        "encoder_dtype": str(s.encoder_dtype).removeprefix("torch."), **counts,
+        **{flag: str(dtype).removeprefix("torch.") for flag, dtype in s.encoder_dtypes.items()}, **counts,
         "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
     }
     handoff.write_config(s.out_dir, {
         "prompt": s.prompt, "negative_prompt": s.negative_prompt, "task": s.task, **s.canvas, "model": s.model,
+        "sr": bool(s.sr_resolution),
         "vae": args.vae, "vae_dtype": str(s.vae_dtype).removeprefix("torch."), "stage1": record})
     print(f"stage 1: {s.task}, {record['prompt_tokens']} prompt tokens, {len(record['glyph_texts'])} quoted text(s) | "
           f"load {load_s:.2f} s, encode {encode_s:.2f} s | total {total_s:.2f} s -> {s.out_dir / handoff.EMBEDDINGS_NAME}")

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -40,7 +40,12 @@ from stage_cli import (
     DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, parse_joining, resolve, run_main,
 )
 
-CHECKPOINT_NAME = "stage2_checkpoint.safetensors"
+def checkpoint_name(key: str) -> str:
+    """The resumable checkpoint of the stage recorded under ``key`` in config.json."""
+    return f"{key}_checkpoint.safetensors"
+
+
+CHECKPOINT_NAME = checkpoint_name("stage2")
 # The weight-free demo: the tiny preset at 9 frames of 112x64 pixels (3 x 4 x 7 latents).
 DEMO_CONFIG = {
     "prompt": "(demo) seeded random embeddings in place of a text encoder",
@@ -130,7 +135,8 @@ def add_run_group(p: argparse.ArgumentParser, *, checkpoints: bool = True) -> No
     run.add_argument("--warmup_steps", type=int, metavar="N", help="untimed steps after compiling, results discarded (default: 2)")
     if checkpoints:
         run.add_argument("--checkpoint_every", type=int, metavar="N", help="save step and latents every N steps (default: 0, off)")
-        run.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in the output folder")
+        run.add_argument("--resume", action="store_true",
+                         help=f"continue from {CHECKPOINT_NAME} (SR: {checkpoint_name('sr')}) in the output folder")
 
 
 def build_parser() -> Parser:
@@ -288,7 +294,8 @@ def fingerprint(settings: Settings, embeddings_file: Path) -> str:
 
 @dataclasses.dataclass
 class Stage2:
-    """A built run: the denoiser compiled, the latents to start from, where files go."""
+    """A built run: the denoiser compiled, the latents to start from, where files go. The SR
+    stage is one too (``key`` "sr": its record's key in config.json, and its files' prefix)."""
 
     settings: Settings
     denoiser: Denoiser
@@ -299,33 +306,40 @@ class Stage2:
     stage_config: dict
     run_id: str
     compile_s: float
+    key: str = "stage2"
+    record: dict = dataclasses.field(default_factory=dict)  # what the stage adds to its config.json record
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return self.out_dir / checkpoint_name(self.key)
+
+    @property
+    def latents_path(self) -> Path:
+        return self.out_dir / (handoff.LATENTS_NAME if self.key == "stage2" else f"{self.key}_{handoff.LATENTS_NAME}")
 
 
-def _kernels(s: Settings) -> tuple[attention.Kernel, attention.SparseKernel]:
+def kernels(s: Settings) -> tuple[attention.Kernel, attention.SparseKernel]:
     """The dense and the block-sparse kernel of the run."""
     dense = attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
                              block_kv=s.splash_block_kv, block_kv_compute=s.splash_block_kv_compute)
     return dense, attention.sparse_kernel(s.sparse_attention)
 
 
-def _weights(s: Settings, config: DiTConfig, placement: parallel.Placement) -> dict:
+def weights(model: str, dtype: str, config: DiTConfig, placement: parallel.Placement, lora: str | None = None,
+            lora_scale: float = 1.0) -> dict:
     """The DiT's weights on device, the adapter merged; read before the output folder exists,
     so that a bad checkpoint or adapter leaves nothing behind."""
     adapter = None
-    if s.lora:
-        adapter = load_adapter(s.lora)
-        check_adapter(adapter, config, s.lora)
-    if not Path(s.model).exists():
-        print(f"model {s.model}: seeded random weights (no checkpoint)", file=sys.stderr)
-    params = model_params(s.model, config, DTYPES[s.dtype], placement.params)
-    return params if adapter is None else merge_adapter(params, adapter, s.lora_scale)
+    if lora:
+        adapter = load_adapter(lora)
+        check_adapter(adapter, config, lora)
+    if not Path(model).exists():
+        print(f"model {model}: seeded random weights (no checkpoint)", file=sys.stderr)
+    params = model_params(model, config, DTYPES[dtype], placement.params)
+    return params if adapter is None else merge_adapter(params, adapter, lora_scale)
 
 
-def _start(s: Settings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
+def start(s: Settings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
     """The latents and step to start from: the seed's noise, or a matching checkpoint's."""
     if resume and checkpoint_path.exists():
         saved, meta = read_safetensors(checkpoint_path)
@@ -352,16 +366,16 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
                                    devices=devices)
     s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
                             mesh=placement.mesh_spec)
-    kernel, sparse_kernel = _kernels(s)
+    kernel, sparse_kernel = kernels(s)
     if args.profiler_steps < 1:
         raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
-    params = _weights(s, config, placement)
+    params = weights(s.model, s.dtype, config, placement, s.lora, s.lora_scale)
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
-    latents, start_step = _start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
+    latents, start_step = start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
     # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
     params = stack_blocks(params, donate=True)
     denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
@@ -410,12 +424,13 @@ def execute(run: Stage2, writer: bool) -> LoopResult:
 
 def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, devices: Sequence[jax.Device]) -> None:
     """Write the latents and the run's record into config.json, and print one summary line."""
-    handoff.write_latents(run.out_dir, result.latents)
+    handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
     seconds, full = np.array(result.step_seconds), np.array(result.full, bool)
     mean = lambda a: float(a.mean()) if a.size else 0.0  # noqa: E731
     total_s = time.perf_counter() - started
     record = {
         **dataclasses.asdict(run.settings),
+        **run.record,
         "latent_shape": list(run.settings.latent_shape),
         "steps": len(seconds),
         "full_steps": int(full.sum()),
@@ -429,25 +444,34 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
         "total_s": round(total_s, 3),
         "devices": {"count": len(devices), "platform": devices[0].platform, "kind": devices[0].device_kind},
     }
-    handoff.update_config(run.out_dir, {**run.stage_config, "stage2": record})
+    # new base latents make an earlier SR stage's stale: its record goes, so stage 3 ignores its latents
+    kept = {k: v for k, v in run.stage_config.items() if not (run.key == "stage2" and k == "sr")}
+    handoff.write_config(run.out_dir, {**kept, run.key: record})
     run.checkpoint_path.unlink(missing_ok=True)
     cached_part = f", {int((~full).sum())} cached (mean {mean(seconds[~full]):.4f} s)" if run.settings.enable_cache else ""
-    print(f"stage 2: compile {run.compile_s:.2f} s | {len(seconds)} steps, mean {mean(seconds):.4f} s/step: "
+    label = "stage 2" if run.key == "stage2" else run.key.upper()
+    print(f"{label}: compile {run.compile_s:.2f} s | {len(seconds)} steps, mean {mean(seconds):.4f} s/step: "
           f"{int(full.sum())} full (mean {mean(seconds[full]):.4f} s){cached_part} | "
-          f"total {total_s:.2f} s -> {run.out_dir / handoff.LATENTS_NAME}")
+          f"total {total_s:.2f} s -> {run.latents_path}")
 
 
-def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
-    """Stage 2 on ``devices`` (default: all): build, warm up, denoise, report."""
-    started = time.perf_counter()
-    devices = list(jax.devices() if devices is None else devices)
+def run_built(build_run: Callable[[], Stage2], args: argparse.Namespace, devices: Sequence[jax.Device],
+              started: float) -> int:
+    """Build, warm up, denoise, report: stage 2 and the SR stage alike."""
     writer = jax.process_index() == 0  # on several hosts, one writes the outputs
-    built = build(args, devices)
+    built = build_run()
     warmup_s = warm_up(built, args)
     result = execute(built, writer)
     if writer:
         report(built, result, warmup_s, started, devices)
     return 0
+
+
+def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
+    """Stage 2 on ``devices`` (default: all)."""
+    started = time.perf_counter()
+    devices = list(jax.devices() if devices is None else devices)
+    return run_built(lambda: build(args, devices), args, devices, started)
 
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:

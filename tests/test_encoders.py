@@ -15,6 +15,7 @@ from hunyuan_tpu import text_encoding as te
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import bucket_size
 from hunyuan_tpu.random_init import randomize_like_trained_
+from qwen_like_tokenizer import qwen_like_tokenizer
 
 
 def test_glyph_texts_as_the_reference_extracts_them():
@@ -38,7 +39,7 @@ def llm():
 def test_llm_keeps_hidden_state_3_from_the_end_after_the_user_marker(llm):
     encoded = te.encode_llm(llm, "a red fox")
     ids = te._tokenize_chat(llm.tokenizer, "a red fox")["input_ids"]
-    start = te.crop_start(llm.tokenizer, ids[0].tolist())
+    start = te.crop_start(llm.tokenizer)
     assert llm.tokenizer.decode(ids[0, start - 5:start]) == "user\n"
     valid = ids.shape[1] - start
     # prompt bytes + <|im_end|> \n <|im_start|> assistant\n: the closing tokens stay, as in the reference
@@ -50,6 +51,43 @@ def test_llm_keeps_hidden_state_3_from_the_end_after_the_user_marker(llm):
     torch.testing.assert_close(encoded.states[:, :valid], reference, rtol=1e-5, atol=1e-5)
     last = llm.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, start:]
     assert (encoded.states[:, :valid] - last).abs().max() > 1e-2  # not the last layer
+
+
+@torch.no_grad()
+def _official_llm_encoding(encoder: te.Encoder, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official TextEncoder, re-stated: the crop position found once on "a photo of a cat"
+    (a 256-token padded pass), then every prompt templated, padded to crop + 1000 and cut there."""
+    tokenizer = encoder.tokenizer
+
+    def chat(text, max_length):
+        messages = [{"role": "system", "content": te.VIDEO_SYSTEM_MESSAGE}, {"role": "user", "content": text or " "}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             truncation=True, max_length=max_length, padding="max_length",
+                                             return_tensors="pt")
+    ids = chat("a photo of a cat", 256)["input_ids"][0].tolist()
+    marker = tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    crop = next(i + len(marker) for i in range(len(ids)) if ids[i:i + len(marker)] == marker)
+    tokens = chat(prompt, 1000 + crop)
+    hidden = encoder.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                           output_hidden_states=True).hidden_states[-3]
+    return hidden[:, crop:], tokens["attention_mask"][:, crop:]
+
+
+QWEN_EDGE_PROMPTS = ["\nA cat walks", "\n\nA cat", " A cat", "  \n A cat", "\tA cat", "\r\nA cat", "   ", "\n",
+                     '"OPEN" sign', "“SALE” banner", "一只猫在草地上行走。", "A cat walks on the grass, realistic.", ""]
+
+
+def test_crop_position_is_the_official_one_for_every_prompt():
+    # a tokenizer that merges whitespace as Qwen's does: "user\n" + "\nA" gives "user", "\n\n", "A"
+    encoder = te.tiny_llm(64, tokenizer=qwen_like_tokenizer())
+    ids = te._tokenize_chat(encoder.tokenizer, "\nA cat walks")["input_ids"][0].tolist()
+    marker = encoder.tokenizer(te.USER_MARKER, add_special_tokens=False)["input_ids"]
+    assert not any(ids[i:i + len(marker)] == marker for i in range(len(ids)))  # no marker of its own
+    for prompt in QWEN_EDGE_PROMPTS:
+        states, mask = _official_llm_encoding(encoder, prompt)
+        encoded = te.encode_llm(encoder, prompt)
+        assert torch.equal(encoded.mask, mask.long()), repr(prompt)
+        torch.testing.assert_close(encoded.states, states.float(), rtol=0, atol=0, msg=repr(prompt))
 
 
 def test_llm_truncates_long_prompts_and_reads_empty_as_space(llm):

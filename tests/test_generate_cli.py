@@ -83,22 +83,28 @@ def test_stage3_eager_torch_equals_jax(default_run, tmp_path):
     assert config(tmp_path)["stage3"]["backend"] == "torch"
 
 
-def test_i2v_end_to_end(tmp_path):
+def test_i2v_end_to_end_with_super_resolution(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(tmp_path / "first.png")
     out = tmp_path / "out"
     proc = cli("generate.py", "--prompt", "the waves roll in", "--image", tmp_path / "first.png", "--output_dir", out,
-               "--video_length", 9, "--num_inference_steps", 4)
-    assert "no --vision_encoder" in proc.stderr
+               "--video_length", 9, "--num_inference_steps", 4, "--sr", "--sr_num_inference_steps", 3)
+    assert "no --vision_encoder" in proc.stderr and re.search(r"SR [\d.]+ s, stage 3", proc.stdout)
     c = config(out)
     assert (c["task"], c["height"], c["width"]) == ("i2v", 112, 144)  # the 4:3 bucket of the 96p family
     embeddings = load_file(str(out / "embeddings.safetensors"))
     assert embeddings["vision_states"].shape == (1, (ic.TINY_IMAGE_SIZE // 14) ** 2, 48)
-    fitted = ic.resize_center_crop(ic.read_image(tmp_path / "first.png"), 112, 144)
-    expected = encode_image(tiny_vae(), ic.to_pixels(fitted))
+    image = ic.read_image(tmp_path / "first.png")
+    expected = encode_image(tiny_vae(), ic.to_pixels(ic.resize_center_crop(image, 112, 144)))
     assert expected.shape == (1, 32, 1, 7, 9)
     torch.testing.assert_close(embeddings["image_cond_latents"], expected)
-    assert iio.imread(out / "video.mp4").shape == (9, 112, 144, 3)
+    # the SR canvas: the 144p bucket closest to 144:112, the image encoded again at that size
+    assert (c["sr"]["height"], c["sr"]["width"], c["sr"]["num_inference_steps"]) == (160, 208, 3)
+    expected = encode_image(tiny_vae(), ic.to_pixels(ic.resize_center_crop(image, 160, 208)))
+    torch.testing.assert_close(embeddings["sr_image_cond_latents"], expected)
+    assert embeddings["sr_vision_states"].shape == embeddings["vision_states"].shape
+    assert load_file(str(out / "sr_latents.safetensors"))["latents"].shape == (1, 32, 3, 10, 13)
+    assert iio.imread(out / "video.mp4").shape == (9, 160, 208, 3)  # stage 3 decodes the SR latents
 
 
 def test_long_prompt_is_truncated_with_a_warning(tmp_path):
@@ -111,9 +117,11 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path):
 def test_generate_help_has_every_stage_flag():
     out = cli("generate.py", "--help").stdout
     for flag in ("--prompt", "--negative_prompt", "--image", "--text_encoder", "--byt5", "--vision_encoder",
-                 "--encoder_dtype", "--model", "--dtype", "--vae", "--vae_dtype", "--video_length", "--resolution",
+                 "--text_encoder_dtype", "--byt5_dtype", "--vision_encoder_dtype", "--model", "--dtype", "--vae",
+                 "--vae_dtype", "--video_length", "--resolution",
                  "--aspect_ratio", "--num_inference_steps", "--guidance_scale", "--flow_shift", "--seed",
-                 "--warmup_steps", "--backend", "--tile_size", "--tile_overlap", "--no_tiling", "--fps", "--output_dir"):
+                 "--warmup_steps", "--backend", "--tile_size", "--tile_overlap", "--no_tiling", "--fps", "--output_dir",
+                 "--sr", "--sr_model", "--upsampler", "--sr_num_inference_steps", "--lq_noise_seed"):
         assert flag in out, flag
     for flag in ("--input_dir", "--demo", "--resume"):
         assert flag not in out
@@ -133,7 +141,8 @@ def _bad(script: str, args: list, message: str, out: Path, single_line: bool = T
 
 
 STAGE1_BAD = {
-    "empty prompt": (["--prompt", ""], "--prompt is empty"),
+    "no prompt": ([], "--prompt is missing"),
+    "bad dtype": (["--prompt", "x", "--text_encoder_dtype", "int8"], "argument --text_encoder_dtype: invalid choice"),
     "missing text encoder": (["--prompt", "x", "--text_encoder", "/nonexistent/llm"], "--text_encoder /nonexistent/llm: no such folder"),
     "missing image": (["--prompt", "x", "--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
     "vision without image": (["--prompt", "x", "--vision_encoder", "/x"], "--vision_encoder is for i2v"),
@@ -157,7 +166,7 @@ def test_generate_bad_input_found_late_leaves_nothing(tmp_path):
     # stage 2 rejects the step count after stage 1 has run: its files must not appear either
     _bad("generate.py", ["--prompt", "x", "--num_inference_steps", 0, "--output_dir", tmp_path / "out"],
          "--num_inference_steps must be >= 1", tmp_path / "out", single_line=False)
-    _bad("generate.py", ["--prompt", "   ", "--output_dir", tmp_path / "out"], "--prompt is empty", tmp_path / "out")
+    _bad("generate.py", ["--output_dir", tmp_path / "out"], "--prompt is missing", tmp_path / "out")
 
 
 def test_stage3_bad_input(default_run, tmp_path):

@@ -1,18 +1,23 @@
-"""hunyuan_tpu.vae: both checkpoint layouts, the tiled decode against diffusers', JAX against eager."""
+"""hunyuan_tpu.vae: both checkpoint layouts, the tiled decode against diffusers', JAX against eager,
+every device against one; stage 3's choice of latents."""
 
 import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLHunyuanVideo15
 from safetensors.torch import save_file
 
+import cli_runner
+from hunyuan_tpu import handoff
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.pipeline import RESOLUTION_BASE, buckets
+from hunyuan_tpu.runtime import torchax_env
 from hunyuan_tpu.vae import (
     Tiling, decode, encode_image, load_vae, official_to_diffusers_name, tiled, tiny_vae, to_frames,
 )
@@ -113,11 +118,45 @@ def test_every_bucket_decodes_to_its_full_size():
             np.testing.assert_array_equal(out, upsample(z))  # seams blend equal pixels: nothing moves
 
 
-def test_jax_backend_equals_eager_torch(vae, latents):
-    eager = decode(vae, latents, backend="torch", tiling=SMALL_TILES)
-    jitted = decode(vae, latents, backend="jax", tiling=SMALL_TILES)
-    assert np.isfinite(jitted).all()
-    assert rel_l2(jitted, eager) < 1e-5
+def test_tiles_of_one_shape_are_decoded_together():
+    """``tiled`` hands the decoder one stack per tile shape, in row-major order within it."""
+    calls = []
+
+    def upsample(tiles: np.ndarray) -> np.ndarray:
+        calls.append(tiles.shape)
+        return tiles.repeat(16, axis=-2).repeat(16, axis=-1)
+
+    z = np.arange(10 * 10, dtype=np.float32).reshape(1, 1, 1, 10, 10)
+    out = tiled(z, upsample, SMALL_TILES)  # tiles start at 0, 3, 6, 9 on both axes: 4, 4, 4 and 1 wide
+    assert calls == [(9, 1, 1, 4, 4), (3, 1, 1, 4, 1), (3, 1, 1, 1, 4), (1, 1, 1, 1, 1)]
+    np.testing.assert_array_equal(out, upsample(z))
+
+
+def test_jax_on_every_device_equals_one_device_and_eager_torch(vae):
+    """16 tiles of 4 shapes (9 interior, 3 right, 3 bottom, a corner) on 8 devices: the 9 in two
+    calls (the second filled up with copies), each shape compiled once. Every device runs the
+    one-device program on its own tile, so the pixels are the same bits; eager torch agrees to
+    float32 rounding."""
+    devices = jax.devices()
+    assert len(devices) == 8  # tests/conftest.py
+    latents = torch.randn(1, 32, 1, 10, 10, generator=torch.Generator().manual_seed(3)).numpy()
+    torchax_env()  # the process's one-time torchax set-up is not part of a decode
+    one = decode(vae, latents, backend="jax", tiling=SMALL_TILES, devices=devices[:1])
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        every = decode(vae, latents, backend="jax", tiling=SMALL_TILES)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == ["jit(decode_tile)"] * 4
+    assert every.shape == (1, 3, 1, 160, 160) and np.isfinite(every).all()
+    np.testing.assert_array_equal(every, one)
+    assert rel_l2(every, decode(vae, latents, backend="torch", tiling=SMALL_TILES)) < 1e-5
 
 
 def test_untiled_decode_is_the_decoder_on_scaled_latents(vae, latents):
@@ -213,3 +252,40 @@ def test_load_errors_name_the_problem(vae, tmp_path):
         Tiling(tile_px=100)
     with pytest.raises(InputError, match="tile_overlap 0.25 of a tile_size 96 tile is 1.5 latent pixels"):
         Tiling(tile_px=96, overlap=0.25)
+
+
+# ---- stage 3: which latents it decodes -------------------------------------------------------
+
+def test_stage3_decodes_the_sr_latents_of_this_run(tmp_path):
+    """auto: the SR latents once the SR stage has recorded them, else the base ones; sr without
+    them is one line of error; base whatever there is. The SR canvas is larger, so the video's
+    size tells which latents were decoded."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    handoff.write_config(folder, {"stage1": {}, "stage2": {}})
+    gen = torch.Generator().manual_seed(4)
+    handoff.write_latents(folder, torch.randn(1, 32, 1, 2, 3, generator=gen).numpy())
+
+    def stage3(name: str, *flags, devices: int = 1) -> dict:
+        out = tmp_path / name
+        cli_runner.call("stage3_vae_decoder.py", "--input_dir", folder, "--output_dir", out, *flags, devices=devices)
+        record = json.loads((out / "config.json").read_text())["stage3"]
+        return {k: record[k] for k in ("latents", "height", "width", "device_count")}
+
+    base = {"latents": "latents.safetensors", "height": 32, "width": 48, "device_count": 1}
+    sr = {"latents": "sr_latents.safetensors", "height": 48, "width": 64, "device_count": 1}
+    assert stage3("auto_without_sr", "--backend", "torch") == base
+    proc = cli_runner.call("stage3_vae_decoder.py", "--input_dir", folder, "--output_dir", tmp_path / "bad",
+                           "--latents", "sr", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert re.search(r"--latents sr: .*sr_latents.safetensors: no such file", proc.stderr)
+    handoff.write_latents(folder, torch.randn(1, 32, 1, 3, 4, generator=gen).numpy(), name=handoff.SR_LATENTS_NAME)
+    # a leftover of an earlier run: this run's config.json has no SR record
+    proc = cli_runner.call("stage3_vae_decoder.py", "--input_dir", folder, "--output_dir", tmp_path / "bad",
+                           "--latents", "sr", check=False)
+    assert proc.returncode == 2 and 'no "sr" entry' in proc.stderr
+    assert stage3("auto_leftover_sr", "--backend", "torch") == base
+    handoff.update_config(folder, {"sr": {}})
+    assert stage3("auto", devices=8) == {**sr, "device_count": 8}
+    assert stage3("sr", "--latents", "sr", "--backend", "torch") == sr
+    assert stage3("base", "--latents", "base", "--backend", "torch") == base
