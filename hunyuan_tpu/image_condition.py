@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -107,9 +108,17 @@ def load_siglip(folder: Path, dtype: torch.dtype) -> VisionEncoder:
     return VisionEncoder(SiglipImageProcessorPil.from_pretrained(processor_dir), model.eval(), str(folder))
 
 
-def encode_siglip(encoder: VisionEncoder, image: Image.Image) -> torch.Tensor:
-    """(1, tokens, width) float32 vision states of an RGB image."""
-    inputs = encoder.processor(images=np.asarray(image), return_tensors="pt")
+# (encoder, pixel_values) -> (1, tokens, width) float32 states: SigLIP eagerly on the host
+# (``eager_siglip``) or jitted on the accelerator (``encoder_runtime.siglip_call``)
+SiglipCall = Callable[[VisionEncoder, torch.Tensor], torch.Tensor]
+
+
+def eager_siglip(encoder: VisionEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
     dtype = next(encoder.model.parameters()).dtype
     with torch.no_grad():
-        return encoder.model(pixel_values=inputs["pixel_values"].to(dtype)).last_hidden_state.float()
+        return encoder.model(pixel_values=pixel_values.to(dtype)).last_hidden_state.float()
+
+
+def encode_siglip(encoder: VisionEncoder, image: Image.Image, run: SiglipCall = eager_siglip) -> torch.Tensor:
+    """(1, tokens, width) float32 vision states of an RGB image."""
+    return run(encoder, encoder.processor(images=np.asarray(image), return_tensors="pt")["pixel_values"])

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
 import torch
 
+from hunyuan_tpu import encoder_runtime as er
 from hunyuan_tpu import handoff
 from hunyuan_tpu import image_condition as ic
 from hunyuan_tpu import text_encoding as te
@@ -46,6 +48,7 @@ def add_sr_flag(group: argparse._ArgumentGroup) -> None:
                        "the i2v image at the SR canvas, stage 3 decodes the SR latents")
 
 
+BACKENDS = ("auto", "jax", "torch")
 # (flag, what it sets, default): the official pipeline runs the LLM and SigLIP in float16, ByT5 in float32
 ENCODER_DTYPES = (("text_encoder_dtype", "Qwen2.5-VL", "float16"), ("byt5_dtype", "ByT5", "float32"),
                   ("vision_encoder_dtype", "SigLIP", "float16"))
@@ -58,6 +61,10 @@ def add_encoder_group(p: argparse.ArgumentParser) -> None:
                      "byt5-small/ (ckpts/text_encoder/Glyph-SDXL-v2)")
     enc.add_argument("--vision_encoder", metavar="DIR", help="SigLIP folder from FLUX.1-Redux-dev, i2v only "
                      "(ckpts/vision_encoder/siglip)")
+    enc.add_argument("--encoder_backend", choices=BACKENDS,
+                     help="jax: each encoder jitted through torchax on the accelerator (compiled once: every "
+                     "input has a fixed shape); torch: eager PyTorch on the host (default: auto, jax on TPU and "
+                     "GPU, torch on a CPU-only machine)")
     for flag, what, default in ENCODER_DTYPES:
         enc.add_argument(f"--{flag}", choices=sorted(DTYPES),
                          help=f"{what} dtype (default: {default}, as the official pipeline; bfloat16 is faster "
@@ -124,6 +131,7 @@ class Settings:
     model: str
     config: DiTConfig
     encoder_dtypes: dict[str, torch.dtype]  # by ENCODER_DTYPES flag
+    backend: str  # jax or torch
     vae_dtype: torch.dtype
     canvas: dict
     out_dir: Path
@@ -148,7 +156,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     task = "i2v" if args.image else "t2v"
     if config.ideal_task not in (None, task):
         raise InputError(f"--model {model_name} is trained for {config.ideal_task}, but the run is {task}")
-    encoder_dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
+    encoder_dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default)
+                      for flag, _, default in ENCODER_DTYPES}
     vae_dtype = dtype_of("--vae_dtype", args.vae_dtype or "float32")
     if task == "t2v" and args.vision_encoder:
         raise InputError("--vision_encoder is for i2v: give --image too")
@@ -159,22 +168,38 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     if task == "i2v":
         _check_width("--vision_encoder", args.vision_encoder, ic.siglip_width, config.vision_states_dim, model_name)
         if args.vae and (channels := vae_config_latent_channels(args.vae)) != config.latent_channels:
-            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes {config.latent_channels}")
+            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes "
+                             f"{config.latent_channels}")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
     sr_resolution = DiTConfig.preset(sr_version(config, canvas["resolution"])).ideal_resolution if args.sr else None
-    settings = Settings(args.prompt, args.negative_prompt or "", task, model_name, config, encoder_dtypes, vae_dtype,
-                        canvas, out_dir, sr_resolution)
+    backend = args.encoder_backend or "auto"
+    if backend not in BACKENDS:
+        raise InputError(f"--encoder_backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "torch" if jax.default_backend() == "cpu" else "jax"
+    settings = Settings(args.prompt, args.negative_prompt or "", task, model_name, config, encoder_dtypes, backend,
+                        vae_dtype, canvas, out_dir, sr_resolution)
     return settings, image
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoders:
-    llm: object
-    byt5: object
-    vision: object | None = None
+    llm: te.Encoder
+    byt5: te.Encoder
+    vision: ic.VisionEncoder | None = None
     vae: object | None = None
+    # how each model runs: eagerly, or jitted (``on_device``)
+    llm_run: te.ModelCall = te.eager_llm
+    byt5_run: te.ModelCall = te.eager_byt5
+    vision_run: ic.SiglipCall = ic.eager_siglip
+
+    def on_device(self) -> Encoders:
+        """The same encoders, each model jitted on the default device (weights copied there once)."""
+        return dataclasses.replace(
+            self, llm_run=er.llm_call(er.jax_llm(self.llm.model)), byt5_run=er.byt5_call(er.jax_byt5(self.byt5.model)),
+            vision_run=er.siglip_call(er.jax_siglip(self.vision.model)) if self.vision else ic.eager_siglip)
 
 
 def _model(path: str | None, load: Callable[[], object], tiny: Callable[[], object], what: str, flag: str,
@@ -197,24 +222,29 @@ def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
                   lambda: te.tiny_byt5(config.byt5_states_dim, dtypes["byt5_dtype"]),
                   "the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
     if s.task != "i2v":
-        return Encoders(llm, byt5)
+        encoders = Encoders(llm, byt5)
+        return encoders.on_device() if s.backend == "jax" else encoders
     dtype = dtypes["vision_encoder_dtype"]
     vision = _model(args.vision_encoder, lambda: ic.load_siglip(Path(args.vision_encoder), dtype),
                     lambda: ic.tiny_siglip(config.vision_states_dim, dtype),
                     "the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
-    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype), lambda: tiny_vae(config.latent_channels, s.vae_dtype),
+    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype),
+                 lambda: tiny_vae(config.latent_channels, s.vae_dtype),
                  "the VAE", "--vae", f"{config.latent_channels} latent channels")
-    return Encoders(llm, byt5, vision, vae)
+    encoders = Encoders(llm, byt5, vision, vae)
+    return encoders.on_device() if s.backend == "jax" else encoders
 
 
 def encode(s: Settings, encoders: Encoders, image) -> tuple[dict[str, torch.Tensor], dict]:
     """The hand-off tensors (text, and the image for i2v) and what the record says of them."""
-    positive, negative = te.encode_llm(encoders.llm, s.prompt), te.encode_llm(encoders.llm, s.negative_prompt)
+    positive = te.encode_llm(encoders.llm, s.prompt, run=encoders.llm_run)
+    negative = te.encode_llm(encoders.llm, s.negative_prompt, run=encoders.llm_run)
     _warn_truncated("prompt", positive, te.LLM_MAX_LENGTH)
     _warn_truncated("negative prompt", negative, te.LLM_MAX_LENGTH)
-    glyphs = te.encode_byt5(encoders.byt5, s.prompt)
+    glyphs = te.encode_byt5(encoders.byt5, s.prompt, run=encoders.byt5_run)
     _warn_truncated("quoted text", glyphs, te.BYT5_MAX_LENGTH)
-    no_glyphs = te.encode_byt5(encoders.byt5, "")  # the reference gives the negative side no glyphs
+    # the reference gives the negative side no glyphs
+    no_glyphs = te.encode_byt5(encoders.byt5, "", run=encoders.byt5_run)
     tensors = {
         "prompt_embeds": positive.states, "prompt_mask": positive.mask,
         "prompt_embeds_2": glyphs.states, "prompt_mask_2": glyphs.mask,
@@ -223,12 +253,12 @@ def encode(s: Settings, encoders: Encoders, image) -> tuple[dict[str, torch.Tens
     }
     if s.task == "i2v":
         fitted = ic.resize_center_crop(image, s.canvas["height"], s.canvas["width"])
-        tensors["vision_states"] = ic.encode_siglip(encoders.vision, fitted)
+        tensors["vision_states"] = ic.encode_siglip(encoders.vision, fitted, run=encoders.vision_run)
         tensors["image_cond_latents"] = encode_image(encoders.vae, ic.to_pixels(fitted))
         if s.sr_resolution:
             (hr_h, hr_w), (crop_h, crop_w) = s.sr_canvas(image)
             crop = ic.resize_center_crop(image, crop_h, crop_w)
-            tensors["sr_vision_states"] = ic.encode_siglip(encoders.vision, crop)
+            tensors["sr_vision_states"] = ic.encode_siglip(encoders.vision, crop, run=encoders.vision_run)
             tensors["sr_image_cond_latents"] = encode_image(
                 encoders.vae, ic.to_pixels(ic.resize_center_crop(image, hr_h, hr_w)))
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -259,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "text_encoder": encoders.llm.source, "byt5": encoders.byt5.source,
         "vision_encoder": encoders.vision.source if encoders.vision else None,
-        **{flag: str(dtype).removeprefix("torch.") for flag, dtype in s.encoder_dtypes.items()}, **counts,
+        **{flag: str(dtype).removeprefix("torch.") for flag, dtype in s.encoder_dtypes.items()},
+        "encoder_backend": s.backend, **counts,
         "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
     }
     handoff.write_config(s.out_dir, {
