@@ -67,8 +67,8 @@ def add_encoder_group(p: argparse.ArgumentParser) -> None:
                      "GPU, torch on a CPU-only machine)")
     for flag, what, default in ENCODER_DTYPES:
         enc.add_argument(f"--{flag}", choices=sorted(DTYPES),
-                         help=f"{what} dtype (default: {default}, as the official pipeline; bfloat16 is faster "
-                         "on TPU, at the drift measured in BENCHMARKS.md)")
+                         help=f"{what} dtype (default: {default}, as the official pipeline; bfloat16 is TPU's "
+                         "native type, its drift is in BENCHMARKS.md)")
 
 
 def build_parser() -> Parser:
@@ -149,6 +149,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     """The settings, and the i2v image (None for t2v), each value checked."""
     if args.prompt is None:
         raise InputError("--prompt is missing: describe the video")
+    for flag, text in (("--prompt", args.prompt), ("--negative_prompt", args.negative_prompt or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable bytes on the command line arrive as lone surrogates
+            raise InputError(f"{flag} is not valid UTF-8 text (at character {e.start}): pass it in UTF-8") from None
     if not args.prompt.strip():  # the official pipeline encodes it (an empty one as " "): so does this
         print("warning: --prompt is only whitespace: the video follows no description", file=sys.stderr)
     model_name = args.model or "tiny"

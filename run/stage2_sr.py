@@ -113,48 +113,16 @@ OWN = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Every setting of an SR run, resolved; the names are those of stage 2 where they mean the same."""
+class Settings(stage2.DenoiseSettings):
+    """Every setting of an SR run: the upsampler, the LR noise and the canvases besides the
+    denoising ones (stage 2's names where they mean the same)."""
 
-    model: str
     upsampler: str
-    dtype: str
-    task: str
-    seed: int
     lq_noise_seed: int
-    sharding: str | None
-    mesh: str | None
-    attention: str
-    sparse_attention: str
-    dense_attention: bool
-    splash_block_q: int
-    splash_block_kv: int
-    splash_block_kv_compute: int
-    warmup_steps: int
-    checkpoint_every: int
-    enable_cache: bool
-    cache_start_step: int
-    cache_end_step: int
-    cache_step_interval: int
-    cache_keep_blocks: int
-    num_inference_steps: int
-    guidance_scale: float
-    flow_shift: float
     lr_latent_shape: tuple[int, int, int]
     resolution: str
     height: int
     width: int
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.flow_shift)
-
-    @property
-    def cache(self) -> CacheSchedule | None:
-        if not self.enable_cache:
-            return None
-        return CacheSchedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval,
-                             self.cache_keep_blocks)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

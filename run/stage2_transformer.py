@@ -40,6 +40,7 @@ from stage_cli import (
     DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, parse_joining, resolve, run_main,
 )
 
+
 def checkpoint_name(key: str) -> str:
     """The resumable checkpoint of the stage recorded under ``key`` in config.json."""
     return f"{key}_checkpoint.safetensors"
@@ -191,23 +192,16 @@ GENERAL_DEFAULTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Every setting of a stage-2 run, resolved: the command line, else the input config.json,
-    else the default. The names are config.json's, which the record repeats."""
+class DenoiseSettings:
+    """What a denoising stage (stage 2, the SR stage) runs with, resolved: the command line, else
+    the input config.json, else the default. The names are config.json's, which the record repeats."""
 
     model: str
     dtype: str
     task: str
-    resolution: str
-    aspect_ratio: str
-    height: int
-    width: int
-    video_length: int
     seed: int
     warmup_steps: int
     checkpoint_every: int
-    lora: str | None
-    lora_scale: float
     sharding: str | None
     mesh: str | None
     attention: str
@@ -235,6 +229,19 @@ class Settings:
             return None
         return CacheSchedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval,
                              self.cache_keep_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(DenoiseSettings):
+    """Every setting of a stage-2 run: the canvas and the adapter besides the denoising ones."""
+
+    resolution: str
+    aspect_ratio: str
+    height: int
+    width: int
+    video_length: int
+    lora: str | None
+    lora_scale: float
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -297,7 +304,7 @@ class Stage2:
     """A built run: the denoiser compiled, the latents to start from, where files go. The SR
     stage is one too (``key`` "sr": its record's key in config.json, and its files' prefix)."""
 
-    settings: Settings
+    settings: DenoiseSettings
     denoiser: Denoiser
     latents: np.ndarray
     start_step: int
@@ -318,7 +325,7 @@ class Stage2:
         return self.out_dir / (handoff.LATENTS_NAME if self.key == "stage2" else f"{self.key}_{handoff.LATENTS_NAME}")
 
 
-def kernels(s: Settings) -> tuple[attention.Kernel, attention.SparseKernel]:
+def kernels(s: DenoiseSettings) -> tuple[attention.Kernel, attention.SparseKernel]:
     """The dense and the block-sparse kernel of the run."""
     dense = attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
                              block_kv=s.splash_block_kv, block_kv_compute=s.splash_block_kv_compute)
@@ -339,7 +346,7 @@ def weights(model: str, dtype: str, config: DiTConfig, placement: parallel.Place
     return params if adapter is None else merge_adapter(params, adapter, lora_scale)
 
 
-def start(s: Settings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
+def start(s: DenoiseSettings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
     """The latents and step to start from: the seed's noise, or a matching checkpoint's."""
     if resume and checkpoint_path.exists():
         saved, meta = read_safetensors(checkpoint_path)

@@ -142,6 +142,7 @@ def _bad(script: str, args: list, message: str, out: Path, single_line: bool = T
 
 STAGE1_BAD = {
     "no prompt": ([], "--prompt is missing"),
+    "undecodable prompt": (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text \\(at character 3\\)"),
     "bad dtype": (["--prompt", "x", "--text_encoder_dtype", "int8"], "argument --text_encoder_dtype: invalid choice"),
     "missing text encoder": (["--prompt", "x", "--text_encoder", "/nonexistent/llm"], "--text_encoder /nonexistent/llm: no such folder"),
     "missing image": (["--prompt", "x", "--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),

@@ -158,13 +158,13 @@ def test_splash_run_with_profiler_trace(demo, tmp_path):
 
 def test_sparse_model_runs_ssta_without_a_flag(demo, tmp_path):
     common = ["--input_dir", demo, "--model", "tiny_sparse", "--num_inference_steps", 3, "--warmup_steps", 0]
+    # the Pallas kernel (interpreted here) against the XLA one: tests/test_ssta.py, in the jitted DiT
     stage2(*common, "--output_dir", tmp_path / "xla")
-    stage2(*common, "--output_dir", tmp_path / "pallas", "--sparse_attention", "pallas")
     stage2(*common, "--output_dir", tmp_path / "dense", "--dense_attention")
     record = json.loads((tmp_path / "xla" / "config.json").read_text())["stage2"]
     assert record["guidance_scale"] == 1.0 and record["dense_attention"] is False  # sparse models are CFG-distilled
+    assert record["sparse_attention"] == "auto"
     sparse, dense = latents(tmp_path / "xla"), latents(tmp_path / "dense")
-    assert np.linalg.norm(latents(tmp_path / "pallas") - sparse) <= 1e-5 * np.linalg.norm(sparse)
     assert np.linalg.norm(dense - sparse) >= 1e-4 * np.linalg.norm(sparse)
     help_text = stage2("--help").stdout
     assert "--sparse_attention" in help_text and "block-sparse kernel" in help_text

@@ -90,11 +90,11 @@ SHAPE_CLASSES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_every_shape_class_equals_the_official_tiling(vae, backend):
+def test_every_shape_class_equals_the_official_tiling(vae):
+    # the walk and the seams are the backends' own code; the jax tiles equal torch's (tested below)
     for shape_class, (h, w) in SHAPE_CLASSES.items():
         latents = torch.randn(1, 32, 2, h, w, generator=torch.Generator().manual_seed(2)).numpy()
-        ours = decode(vae, latents, backend=backend, tiling=SEAM_TILES)
+        ours = decode(vae, latents, backend="torch", tiling=SEAM_TILES)
         reference = _diffusers_tiled(latents, SEAM_TILES)
         assert ours.shape == reference.shape == (1, 3, 5, 16 * h, 16 * w), shape_class
         assert np.isfinite(ours).all()
