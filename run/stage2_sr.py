@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from hunyuan_tpu import attention, handoff, parallel
 from hunyuan_tpu.cache import CacheSchedule
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
-from hunyuan_tpu.pipeline import LATENT_CHANNELS, Denoiser, SamplingSettings, latent_shape
+from hunyuan_tpu.pipeline import LATENT_CHANNELS, Denoiser, latent_shape
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.super_resolution import SR_VERSIONS, hr_canvas, prepare_lq, sr_conditions, sr_version
 from hunyuan_tpu.random_init import randomize_like_trained_
@@ -156,6 +157,7 @@ def _default_upsampler(model: str) -> str:
 
 def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tuple[int, ...],
                      source: str) -> tuple[Settings, DiTConfig]:
+    """The run's settings and SR model configuration, each value checked."""
     base = stage_config.get("stage2")
     if not isinstance(base, dict):
         raise InputError(f"{source}: no stage-2 record (run stage 2 first)")
@@ -172,7 +174,8 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tup
         raise InputError(f"--model {s['model']} is trained for {config.ideal_task}, but the run is {s['task']}")
     s["upsampler"] = s["upsampler"] or _default_upsampler(s["model"])
     version = next((v for v in SR_VERSIONS if v in Path(s["model"]).parts or v == s["model"]), None)
-    defaults = SR_VERSIONS[version].sampling if version else SamplingSettings(6, 1.0, 2.0)
+    # a checkpoint outside the official layout gets the 720p version's sampling
+    defaults = SR_VERSIONS[version or "720p_sr_distilled"].sampling
     s.update(resolve(args, {}, {
         "num_inference_steps": (int, defaults.num_inference_steps),
         "guidance_scale": (float, defaults.guidance_scale),
@@ -184,13 +187,18 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tup
         if s[key] < 0:
             raise InputError(f"--{key} must be >= 0, got {s[key]}")
     attention.check_splash_blocks(s["splash_block_q"], s["splash_block_kv"], s["splash_block_kv_compute"])
+    if args.mesh is None and s["mesh"] and not s["guidance_scale"] > 1 and re.search(r"dp=([2-9]|\d\d)", s["mesh"]):
+        # stage 2's dp axis split its CFG batch; without CFG there is one sample: every device on the strategy's axis
+        print(f"SR: stage 2's mesh {s['mesh']} splits the CFG batch, the SR run has none: using the default mesh of "
+              f"{s['sharding'] or 'the default strategy'}", file=sys.stderr)
+        s["mesh"] = None
     if s["lq_noise_seed"] is None:
         s["lq_noise_seed"] = s["seed"] + 1  # not the seed itself: the LR noise must not equal the initial noise
     if s["dense_attention"]:
         config = config.dense()
     s["lr_latent_shape"] = tuple(int(n) for n in lr_shape[2:])
     s["resolution"] = config.ideal_resolution or "720p"
-    t, h, w = hr_canvas(s["lr_latent_shape"], s["resolution"])
+    _, h, w = hr_canvas(s["lr_latent_shape"], s["resolution"])
     s["height"], s["width"] = h * 16, w * 16
     settings = Settings(**s)
     if settings.cache is not None:

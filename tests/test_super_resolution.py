@@ -316,7 +316,16 @@ def test_interrupted_run_resumes_to_the_same_latents(base, straight, tmp_path, m
 
 
 def test_sharded_sr_matches_one_device_and_seeds_matter(base, straight, tmp_path):
-    _sr("--input_dir", base, "--output_dir", tmp_path / "tp", "--sharding", "tp", "--warmup_steps", 0, devices=8)
+    # stage 2 ran with CFG split over dp=2: the SR run (no CFG) keeps the strategy, over all 8 devices
+    folder = tmp_path / "in"
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["stage2"].update(sharding="tp", mesh="dp=2,tp=4")
+    (folder / "config.json").write_text(json.dumps(config))
+    proc = _sr("--input_dir", folder, "--output_dir", tmp_path / "tp", "--warmup_steps", 0, devices=8)
+    assert "mesh dp=2,tp=4 splits the CFG batch" in proc.stderr
+    record = json.loads((tmp_path / "tp" / "config.json").read_text())["sr"]
+    assert (record["sharding"], record["mesh"]) == ("tp", "tp=8")
     assert rel_l2(_latents(tmp_path / "tp"), _latents(straight)) <= 1e-5
     _sr("--input_dir", base, "--output_dir", tmp_path / "seed", "--lq_noise_seed", 5, "--warmup_steps", 0)
     assert rel_l2(_latents(tmp_path / "seed"), _latents(straight)) > 1e-3
