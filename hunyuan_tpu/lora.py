@@ -212,6 +212,8 @@ def load_adapter(path: str | Path) -> Adapter:
         if m is None:
             raise LoRAError(f"{path}: tensor {key} is not a LoRA weight (expected <module>.lora_A.weight or "
                             "<module>.lora_B.weight; kohya-style lora_down/lora_up files need converting)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoRAError(f"{path}: tensor {key} holds NaN or inf")
         pairs.setdefault(m.group("module"), {})[m.group("part")] = tensor
     if not pairs:
         raise LoRAError(f"{path}: no LoRA tensors")

@@ -57,6 +57,9 @@ class OptimizerSettings:
             raise InputError(f"{{lr_schedule}} {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.learning_rate <= 0 or self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise InputError("need {learning_rate} > 0, {max_steps} >= 1 and 0 <= {warmup_steps} <= {max_steps}")
+        for name, value in (("max_grad_norm", self.max_grad_norm), ("weight_decay", self.weight_decay)):
+            if value < 0:  # a negative clip would silently turn clipping off
+                raise InputError(f"{{{name}}} {value} must be >= 0 (0: off)")
 
 
 def learning_rate(settings: OptimizerSettings) -> optax.Schedule:

@@ -40,7 +40,7 @@ from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.super_resolution import SR_VERSIONS, hr_canvas, prepare_lq, sr_conditions, sr_version
 from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.upsampler import RELEASED_CONFIGS, Upsampler, build, load_upsampler, tiny_upsampler, upsample
-from stage_cli import DTYPES, Parser, dtype_of, model_config, parse_joining, resolve, run_main
+from stage_cli import DTYPES, Parser, dtype_of, finite_float, model_config, parse_joining, resolve, run_main
 
 KEY = "sr"
 
@@ -58,8 +58,9 @@ def add_sr_model_group(p: argparse.ArgumentParser, *, prefix: str = "") -> argpa
     if prefix:
         model.add_argument("--sr_num_inference_steps", type=int, metavar="N",
                            help="SR Euler steps (default: 6 to 720p, 8 to 1080p)")
-        model.add_argument("--sr_guidance_scale", type=float, metavar="G", help="SR CFG scale (default: 1.0, off)")
-        model.add_argument("--sr_flow_shift", type=float, metavar="S", help="SR schedule shift (default: 2.0)")
+        model.add_argument("--sr_guidance_scale", type=finite_float, metavar="G",
+                           help="SR CFG scale (default: 1.0, off)")
+        model.add_argument("--sr_flow_shift", type=finite_float, metavar="S", help="SR schedule shift (default: 2.0)")
     model.add_argument("--lq_noise_seed", type=int, metavar="N",
                        help="seed of the noise added to the upsampled LR latents (the official draws it unseeded; "
                        "default: --seed + 1)")
@@ -183,6 +184,8 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tup
     }, source))
     if s["num_inference_steps"] < 1:
         raise InputError(f"--num_inference_steps must be >= 1, got {s['num_inference_steps']}")
+    if s["flow_shift"] <= 0:
+        raise InputError(f"--flow_shift {s['flow_shift']} must be > 0 (the SR models' is 2)")
     for key in ("warmup_steps", "checkpoint_every"):
         if s[key] < 0:
             raise InputError(f"--{key} must be >= 0, got {s[key]}")

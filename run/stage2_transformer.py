@@ -37,7 +37,8 @@ from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import (
-    DTYPES, Parser, add_model_flag, add_video_group, dtype_of, model_config, parse_joining, resolve, run_main,
+    DTYPES, Parser, add_model_flag, add_video_group, dtype_of, finite_float, model_config, parse_joining, resolve,
+    run_main,
 )
 
 
@@ -68,14 +69,17 @@ def add_model_group(p: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations dtype (default: bfloat16)")
     model.add_argument("--lora", metavar="FILE", help="LoRA adapter (safetensors, official/PEFT or diffusers names) "
                        "merged into the weights")
-    model.add_argument("--lora_scale", type=float, metavar="S", help="strength of --lora, times its alpha/r (default: 1.0)")
+    model.add_argument("--lora_scale", type=finite_float, metavar="S",
+                       help="strength of --lora, times its alpha/r (default: 1.0)")
 
 
 def add_sampling_group(p: argparse.ArgumentParser) -> None:
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--num_inference_steps", type=int, metavar="N", help="Euler steps (default: 50; 12 step-distilled)")
-    sampling.add_argument("--guidance_scale", type=float, metavar="G", help="CFG scale, <= 1 disables CFG (default: 6.0; 1.0 distilled)")
-    sampling.add_argument("--flow_shift", type=float, metavar="S", help="schedule shift (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
+    sampling.add_argument("--guidance_scale", type=finite_float, metavar="G",
+                          help="CFG scale, <= 1 disables CFG (default: 6.0; 1.0 distilled)")
+    sampling.add_argument("--flow_shift", type=finite_float, metavar="S",
+                          help="schedule shift, > 0 (default: 5 at 480p, 9 720p t2v, 7 720p i2v)")
     sampling.add_argument("--seed", type=int, metavar="N", help="initial noise seed (default: 42)")
 
 
@@ -271,9 +275,12 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
     for key in ("warmup_steps", "checkpoint_every"):
         if s[key] < 0:
             raise InputError(f"--{key} must be >= 0, got {s[key]}")
+    if s["flow_shift"] <= 0:
+        raise InputError(f"--flow_shift {s['flow_shift']} must be > 0 (the official shifts are 2 to 9)")
     s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
     bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
-    s["height"], s["width"] = s["height"] or bucket_h, s["width"] or bucket_w
+    s["height"] = bucket_h if s["height"] is None else s["height"]  # 0 is not "unset": latent_shape refuses it
+    s["width"] = bucket_w if s["width"] is None else s["width"]
     latent_shape(s["video_length"], s["height"], s["width"])  # checks the three
     settings = Settings(**s)
     if settings.cache is not None:
@@ -430,7 +437,15 @@ def execute(run: Stage2, writer: bool) -> LoopResult:
 
 
 def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, devices: Sequence[jax.Device]) -> None:
-    """Write the latents and the run's record into config.json, and print one summary line."""
+    """Write the latents and the run's record into config.json, and print one summary line; latents
+    that are not finite replace nothing."""
+    if not np.isfinite(result.latents).all():
+        causes = "{guidance_scale}, {flow_shift}, or {lora_scale} and the LoRA" if run.key == "stage2" else \
+            "{guidance_scale} or {flow_shift}"
+        if not any(run.out_dir.iterdir()):  # the run made the folder: it leaves none
+            run.out_dir.rmdir()
+        raise InputError(f"the denoised latents hold NaN or inf: nothing written to {run.out_dir} (likely cause: "
+                         + causes + ")")
     handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
     seconds, full = np.array(result.step_seconds), np.array(result.full, bool)
     mean = lambda a: float(a.mean()) if a.size else 0.0  # noqa: E731

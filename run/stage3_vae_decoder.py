@@ -28,7 +28,7 @@ from hunyuan_tpu import handoff
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.vae import BACKENDS, Tiling, decode, load_vae, tiny_vae, to_frames
 from hunyuan_tpu.video import FPS, write_mp4, write_png
-from stage_cli import Parser, add_vae_group, dtype_of, resolve, run_main
+from stage_cli import Parser, add_vae_group, dtype_of, finite_float, resolve, run_main
 
 
 def add_decode_group(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def add_decode_group(p: argparse.ArgumentParser) -> None:
                      "torch: eager PyTorch (default: jax)")
     dec.add_argument("--tile_size", type=int, metavar="PX",
                      help="spatial tile in pixels, multiple of 16 (default: 256)")
-    dec.add_argument("--tile_overlap", type=float, metavar="F", help="tile overlap fraction (default: 0.125)")
+    dec.add_argument("--tile_overlap", type=finite_float, metavar="F", help="tile overlap fraction (default: 0.125)")
     dec.add_argument("--no_tiling", action="store_true", help="decode the whole canvas at once")
     dec.add_argument("--fps", type=int, metavar="N", help=f"frames per second of the mp4 (default: {FPS})")
 

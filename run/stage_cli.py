@@ -4,6 +4,7 @@ flags that more than one stage takes (defined once, so that generate.py's union 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,29 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def finite_float(text: str) -> float:
+    """argparse type for a number flag: nan and inf are refused (they run, and poison the result)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _from_config(value: Any, kind: type) -> Any:
+    """A config.json value as ``kind``, refusing what a cast would bend: a bool or a fraction for
+    an int, a bool or a non-finite number for a float."""
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError
+    if kind is int and value != int(value):
+        raise ValueError
+    if kind is float and not math.isfinite(value):
+        raise ValueError
+    return kind(value)
+
+
 def resolve(
     args: argparse.Namespace, config: dict[str, Any], defaults: dict[str, tuple[type, Any]], source: str
 ) -> dict[str, Any]:
@@ -39,9 +63,10 @@ def resolve(
         value = getattr(args, key, None)  # settings without a flag (task) come from the config
         if value is None and config.get(key) is not None:
             try:
-                value = kind(config[key])
-            except (TypeError, ValueError):
-                raise InputError(f"{source}: {key}={config[key]!r} is not a valid {kind.__name__}") from None
+                value = _from_config(config[key], kind)
+            except (TypeError, ValueError, OverflowError):
+                allowed = {int: "an integer", float: "a finite number"}.get(kind, f"a {kind.__name__}")
+                raise InputError(f"{source}: {key}={config[key]!r} is not {allowed}") from None
         out[key] = default if value is None else value
     return out
 

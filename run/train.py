@@ -28,7 +28,9 @@ from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.synthetic import training_samples
 from hunyuan_tpu.train_loop import RunSettings, train
 from hunyuan_tpu.training import OPTIMIZERS, SCHEDULES, OptimizerSettings
-from stage_cli import DTYPES, Parser, add_model_flag, dtype_of, model_config, parse_joining, run_main
+from stage_cli import (
+    DTYPES, Parser, add_model_flag, dtype_of, finite_float, model_config, parse_joining, run_main,
+)
 
 # --demo: a 16-sample synthetic set trained on the tiny preset, a few minutes on a 2-core CPU.
 DEMO = {"model": "tiny", "dtype": "float32", "max_steps": 150, "learning_rate": 2e-3, "batch_size": 4,
@@ -55,16 +57,19 @@ def build_parser() -> Parser:
     objective = p.add_argument_group("objective")
     objective.add_argument("--timestep_sampling", choices=SAMPLINGS, default="lognorm",
                            help="t ~ sigmoid(N(0,1)) or uniform (default: %(default)s)")
-    objective.add_argument("--train_shift", type=float, default=3.0, metavar="S",
+    objective.add_argument("--train_shift", type=finite_float, default=3.0, metavar="S",
                            help="timestep shift (default: %(default)s)")
-    objective.add_argument("--i2v_prob", type=float, metavar="P", help="share of samples trained as i2v when the "
+    objective.add_argument("--i2v_prob", type=finite_float, metavar="P",
+                           help="share of samples trained as i2v when the "
                            "data has vision_states (default: 0.3)")
-    objective.add_argument("--text_dropout", type=float, metavar="P", help="share of samples trained on the empty "
+    objective.add_argument("--text_dropout", type=finite_float, metavar="P",
+                           help="share of samples trained on the empty "
                            "prompt, for CFG (needs empty_prompt.safetensors; default: 0)")
     optimization = p.add_argument_group("optimization")
     optimization.add_argument("--optimizer", choices=OPTIMIZERS, default="muon", help="(default: %(default)s)")
-    optimization.add_argument("--learning_rate", type=float, metavar="LR", help="peak rate (default: 1e-5)")
-    optimization.add_argument("--weight_decay", type=float, default=0.01, metavar="W", help="(default: %(default)s)")
+    optimization.add_argument("--learning_rate", type=finite_float, metavar="LR", help="peak rate (default: 1e-5)")
+    optimization.add_argument("--weight_decay", type=finite_float, default=0.01, metavar="W",
+                              help="(default: %(default)s)")
     optimization.add_argument("--lr_schedule", choices=SCHEDULES, default="cosine",
                               help="after warmup (default: %(default)s)")
     optimization.add_argument("--warmup_steps", type=int, metavar="N", help="linear warmup updates (default: 0)")
@@ -72,14 +77,14 @@ def build_parser() -> Parser:
     optimization.add_argument("--batch_size", type=int, metavar="N", help="samples per forward (default: 1)")
     optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, metavar="K",
                               help="forwards per update (default: %(default)s)")
-    optimization.add_argument("--max_grad_norm", type=float, default=1.0, metavar="G",
+    optimization.add_argument("--max_grad_norm", type=finite_float, default=1.0, metavar="G",
                               help="global-norm clip, 0 off (default: %(default)s)")
     optimization.add_argument("--seed", type=int, default=42, metavar="N",
                               help="data order, noise, init (default: %(default)s)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora", action="store_true", help="train a LoRA adapter on frozen weights")
     lora.add_argument("--lora_rank", type=int, default=8, metavar="R", help="(default: %(default)s)")
-    lora.add_argument("--lora_alpha", type=float, default=16.0, metavar="A",
+    lora.add_argument("--lora_alpha", type=finite_float, default=16.0, metavar="A",
                       help="scale alpha / r (default: %(default)s)")
     lora.add_argument("--lora_targets", default="double_blocks", metavar="PRESET|REGEX",
                       help=f"linear layers to adapt: {' or '.join(TARGET_PRESETS)} (the official trainer's), or a "
@@ -130,6 +135,8 @@ def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None
     for flag in ("checkpoint_every", "validate_every", "warmup_steps"):
         if pick(args, flag, 0) < 0:
             raise InputError(f"--{flag} must be >= 0")
+    if args.lora and args.lora_alpha <= 0:
+        raise InputError(f"--lora_alpha {args.lora_alpha} must be > 0")
     objective = Objective(shift=args.train_shift, sampling=args.timestep_sampling,
                           i2v_prob=pick(args, "i2v_prob", 0.3), text_dropout=pick(args, "text_dropout", 0.0))
     optimizer = OptimizerSettings(

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import cli_runner
 from hunyuan_tpu.checkpoint import save_transformer
+from hunyuan_tpu.lora import LoRASpec, init_adapter, save_adapter
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
@@ -221,7 +222,7 @@ BAD_INPUTS = {
     "non-finite": (lambda f: _break_tensor(f, "prompt_embeds_2", _nan), [], "prompt_embeds_2 has non-finite values"),
     "video length": (lambda f: None, ["--video_length", 50], "--video_length 50 must be of the form 4k\\+1"),
     "resolution": (lambda f: None, ["--width", 100], "--width 100 must be a positive multiple of 16"),
-    "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not a valid int"),
+    "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not an integer"),
     "unknown model": (lambda f: None, ["--model", "nonexistent"], "--model nonexistent: no such checkpoint"),
     "missing lora": (lambda f: None, ["--lora", "/nonexistent/adapter.safetensors"], "adapter.safetensors: no such file"),
     "cache order": (lambda f: None, ["--enable_cache", "--cache_start_step", 30, "--cache_end_step", 20],
@@ -230,6 +231,13 @@ BAD_INPUTS = {
     "cache end": (lambda f: None, ["--enable_cache", "--num_inference_steps", 30],
                   r"--cache_end_step 45 is past the last step \(--num_inference_steps 30\)"),
     "cache blocks": (lambda f: None, ["--enable_cache", "--cache_keep_blocks", 3], "--cache_keep_blocks 3 must be between 1"),
+    "zero shift": (lambda f: None, ["--flow_shift", 0], r"--flow_shift 0.0 must be > 0"),
+    "nan shift": (lambda f: None, ["--flow_shift", "nan"], "argument --flow_shift: 'nan' is not a finite number"),
+    "inf guidance": (lambda f: None, ["--guidance_scale", "inf"], "argument --guidance_scale: 'inf' is not a finite"),
+    "nan lora scale": (lambda f: None, ["--lora_scale", "nan"], "argument --lora_scale: 'nan' is not a finite"),
+    "zero width": (lambda f: None, ["--width", 0], "--width 0 must be a positive multiple of 16"),
+    "fractional config int": (lambda f: _set_config(f, video_length=9.9), [], "video_length=9.9 is not an integer"),
+    "bool config int": (lambda f: _set_config(f, height=True), [], "height=True is not an integer"),
     "sparse kernel": (lambda f: _set_config(f, sparse_attention="flash"), [],
                       "--sparse_attention 'flash' is not one of auto, xla, pallas"),
     "splash block": (lambda f: None, ["--splash_block_q", 100], "--splash_block_q 100 must be a positive multiple of 128"),
@@ -264,6 +272,35 @@ def test_bad_input(case, demo, tmp_path):
     assert not out.exists()
     if folder.exists():
         assert (folder / "latents.safetensors").read_bytes() == b"previous run"
+
+
+def _adapter(folder: Path, poison: bool = False) -> Path:
+    """A rank-2 LoRA file for the tiny model, B nonzero; with ``poison`` one weight is NaN."""
+    spec = LoRASpec(rank=2, alpha=2.0)
+    weights = init_adapter(HunyuanVideo15DiT(DiTConfig.preset("tiny")), spec, seed=0)
+    weights = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) if ".lora_B." in k else t
+               for k, t in weights.items()}
+    if poison:
+        next(t for k, t in weights.items() if ".lora_B." in k)[0, 0] = float("nan")
+    return save_adapter(folder / ("nan.safetensors" if poison else "adapter.safetensors"), weights, spec)
+
+
+def test_non_finite_result_replaces_nothing(demo, tmp_path):
+    # a finite but absurd adapter strength blows the latents up: exit 2, the earlier output untouched
+    folder = tmp_path / "in"
+    shutil.copytree(demo, folder)
+    (folder / "latents.safetensors").write_bytes(b"previous run")
+    common = ["--lora", _adapter(tmp_path), "--lora_scale", 1e30, "--num_inference_steps", 2, "--warmup_steps", 0]
+    proc = stage2("--input_dir", folder, *common, check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "the denoised latents hold NaN or inf: nothing written" in line and "--lora_scale" in line
+    assert (folder / "latents.safetensors").read_bytes() == b"previous run"
+    proc = stage2("--input_dir", folder, "--output_dir", tmp_path / "new", *common, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "new").exists()
+    # a NaN in the file itself is refused before anything runs
+    proc = stage2("--input_dir", folder, "--lora", _adapter(tmp_path, poison=True), check=False)
+    assert proc.returncode == 2 and "nan.safetensors: tensor" in proc.stderr and "holds NaN or inf" in proc.stderr
 
 
 def test_demo_refuses_to_overwrite_real_inputs(demo, tmp_path):

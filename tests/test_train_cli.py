@@ -114,6 +114,8 @@ def test_bad_input_is_one_line(data, one_block, tmp_path):
         (["--data", data, "--lora", "--lora_targets", "nothing_matches"], "matches no linear layer"),
         (["--data", data, "--i2v_prob", "2"], "--i2v_prob 2.0 must be between 0 and 1"),
         (["--demo", "--batch_size", "0"], "--batch_size must be >= 1"),  # before the demo writes its data
+        (["--data", data, "--max_grad_norm", "-1"], "--max_grad_norm -1.0 must be >= 0 (0: off)"),
+        (["--data", data, "--learning_rate", "nan"], "argument --learning_rate: 'nan' is not a finite number"),
     ]
     for extra, message in cases:
         proc = cli_runner.call(TRAIN, *BASE, "--model", one_block, *extra, "--output_dir", tmp_path / "out",
