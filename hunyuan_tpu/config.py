@@ -136,6 +136,12 @@ _DIFFUSERS_KEYS = frozenset({
 _TARGET_SIZE_TO_RESOLUTION = {640: "480p", 960: "720p"}
 
 
+# Sizes that must be positive integers (a config.json with 0 or "2048" is refused by name, not met as a
+# division by zero or a type error deep in the model)
+_POSITIVE_INTS = ("in_channels", "out_channels", "hidden_size", "heads_num", "mm_double_blocks_depth",
+                  "text_states_dim", "vision_states_dim", "byt5_states_dim", "byt5_hidden_dim", "refiner_depth")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """Architecture of the HunyuanVideo-1.5 diffusion transformer (official key names)."""
@@ -169,6 +175,14 @@ class DiTConfig:
     attn_param: SparseAttention | None = None
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("mlp_width_ratio", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.attn_mode not in (*DENSE_ATTN_MODES, SPARSE_ATTN_MODE):
             modes = ", ".join((*DENSE_ATTN_MODES, SPARSE_ATTN_MODE))
             raise ValueError(f"attn_mode {self.attn_mode!r} is not one of {modes}")

@@ -123,7 +123,7 @@ def read_latents(folder: str | Path, name: str = LATENTS_NAME) -> np.ndarray:
     tensors, _ = read_safetensors(path)
     _expect("latents" in tensors, path, "no 'latents' tensor")
     latents = tensors["latents"].float()
-    _expect(latents.ndim == 5 and latents.shape[0] == 1, path,
-            f"latents have shape {tuple(latents.shape)}, expected (1, channels, T, H, W)")
+    _expect(latents.ndim == 5 and latents.shape[0] == 1 and min(latents.shape) > 0, path,
+            f"latents have shape {tuple(latents.shape)}, expected (1, channels, T, H, W), none of them 0")
     _expect(bool(torch.isfinite(latents).all()), path, "latents have non-finite values (NaN or inf)")
     return latents.numpy()

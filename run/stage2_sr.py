@@ -40,7 +40,9 @@ from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.super_resolution import SR_VERSIONS, hr_canvas, prepare_lq, sr_conditions, sr_version
 from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.upsampler import RELEASED_CONFIGS, Upsampler, build, load_upsampler, tiny_upsampler, upsample
-from stage_cli import DTYPES, Parser, dtype_of, finite_float, model_config, parse_joining, resolve, run_main
+from stage_cli import (
+    DTYPES, Parser, check_seed, dtype_of, finite_float, model_config, parse_joining, resolve, run_main,
+)
 
 KEY = "sr"
 
@@ -196,7 +198,10 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tup
               f"{s['sharding'] or 'the default strategy'}", file=sys.stderr)
         s["mesh"] = None
     if s["lq_noise_seed"] is None:
-        s["lq_noise_seed"] = s["seed"] + 1  # not the seed itself: the LR noise must not equal the initial noise
+        # not the seed itself: the LR noise must not equal the initial noise
+        s["lq_noise_seed"] = (s["seed"] + 1) % 2**64
+    check_seed("seed", s["seed"])
+    check_seed("lq_noise_seed", s["lq_noise_seed"])
     if s["dense_attention"]:
         config = config.dense()
     s["lr_latent_shape"] = tuple(int(n) for n in lr_shape[2:])

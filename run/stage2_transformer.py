@@ -37,8 +37,8 @@ from hunyuan_tpu.runtime import jax_dtype
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import (
-    DTYPES, Parser, add_model_flag, add_video_group, dtype_of, finite_float, model_config, parse_joining, resolve,
-    run_main,
+    DTYPES, Parser, add_model_flag, add_video_group, check_seed, dtype_of, finite_float, model_config, parse_joining,
+    resolve, run_main,
 )
 
 
@@ -277,6 +277,7 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
             raise InputError(f"--{key} must be >= 0, got {s[key]}")
     if s["flow_shift"] <= 0:
         raise InputError(f"--flow_shift {s['flow_shift']} must be > 0 (the official shifts are 2 to 9)")
+    check_seed("seed", s["seed"])
     s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
     bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
     s["height"] = bucket_h if s["height"] is None else s["height"]  # 0 is not "unset": latent_shape refuses it

@@ -71,6 +71,12 @@ def resolve(
     return out
 
 
+def check_seed(name: str, value: int) -> None:
+    """A seed torch's generator takes (0 to 2**64 - 1), refused by name otherwise."""
+    if not 0 <= value < 2**64:
+        raise InputError(f"--{name} {value} must be between 0 and 2**64 - 1")
+
+
 def flag(setting: str) -> str:
     """The command-line flag of a library setting (every flag is the setting's name)."""
     return f"--{setting}"

@@ -29,7 +29,7 @@ from hunyuan_tpu.synthetic import training_samples
 from hunyuan_tpu.train_loop import RunSettings, train
 from hunyuan_tpu.training import OPTIMIZERS, SCHEDULES, OptimizerSettings
 from stage_cli import (
-    DTYPES, Parser, add_model_flag, dtype_of, finite_float, model_config, parse_joining, run_main,
+    DTYPES, Parser, add_model_flag, check_seed, dtype_of, finite_float, model_config, parse_joining, run_main,
 )
 
 # --demo: a 16-sample synthetic set trained on the tiny preset, a few minutes on a 2-core CPU.
@@ -135,6 +135,7 @@ def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None
     for flag in ("checkpoint_every", "validate_every", "warmup_steps"):
         if pick(args, flag, 0) < 0:
             raise InputError(f"--{flag} must be >= 0")
+    check_seed("seed", args.seed)
     if args.lora and args.lora_alpha <= 0:
         raise InputError(f"--lora_alpha {args.lora_alpha} must be > 0")
     objective = Objective(shift=args.train_shift, sampling=args.timestep_sampling,

@@ -3,6 +3,7 @@ weight-free tiny default: the README's first command as a subprocess, the rest i
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import cli_runner
 from hunyuan_tpu import image_condition as ic
@@ -180,6 +181,11 @@ def test_stage3_bad_input(default_run, tmp_path):
          "--tile_size 100 must be a positive multiple of 16", tmp_path / "out")
     _bad("stage3_vae_decoder.py", ["--input_dir", folder, "--output_dir", tmp_path / "out", "--tile_overlap", 0.3],
          "--tile_overlap 0.3 of a --tile_size 256 tile is 4.8 latent pixels; it must be a whole number", tmp_path / "out")
+    empty = tmp_path / "empty"  # latents with no frames
+    shutil.copytree(folder, empty)
+    save_file({"latents": torch.zeros(1, 32, 0, 6, 10)}, str(empty / "latents.safetensors"))
+    _bad("stage3_vae_decoder.py", ["--input_dir", empty, "--output_dir", tmp_path / "out"],
+         r"latents have shape \(1, 32, 0, 6, 10\), expected \(1, channels, T, H, W\), none of them 0", tmp_path / "out")
     fresh = tmp_path / "fresh"  # stage 1 only: latents from an earlier run would be stale
     fresh.mkdir()
     (fresh / "config.json").write_text(json.dumps({k: v for k, v in config(folder).items() if k != "stage2"}))

@@ -238,6 +238,10 @@ BAD_INPUTS = {
     "zero width": (lambda f: None, ["--width", 0], "--width 0 must be a positive multiple of 16"),
     "fractional config int": (lambda f: _set_config(f, video_length=9.9), [], "video_length=9.9 is not an integer"),
     "bool config int": (lambda f: _set_config(f, height=True), [], "height=True is not an integer"),
+    "huge seed": (lambda f: None, ["--seed", 2**70], "--seed 1180591620717411303424 must be between 0 and 2"),
+    "zero heads": (lambda f: _checkpoint_config(f, heads_num=0), [], "heads_num must be a positive integer, got 0"),
+    "string width": (lambda f: _checkpoint_config(f, hidden_size="2048"), [],
+                     "hidden_size must be a positive integer, got '2048'"),
     "sparse kernel": (lambda f: _set_config(f, sparse_attention="flash"), [],
                       "--sparse_attention 'flash' is not one of auto, xla, pallas"),
     "splash block": (lambda f: None, ["--splash_block_q", 100], "--splash_block_q 100 must be a positive multiple of 128"),
@@ -246,14 +250,18 @@ BAD_INPUTS = {
 }
 
 
-def _sparse_checkpoint(folder: Path, **attn_param) -> None:
-    """A tiny checkpoint (in ``folder``/ckpt, the run's model) whose config.json asks for SSTA with
-    ``attn_param``."""
+def _checkpoint_config(folder: Path, **updates) -> None:
+    """A tiny checkpoint (in ``folder``/ckpt, the run's model) whose config.json has ``updates``."""
     save_transformer(HunyuanVideo15DiT(DiTConfig.preset("tiny")), folder / "ckpt")
     config = json.loads((folder / "ckpt" / "config.json").read_text())
-    config.update(attn_mode="flex-block-attn", attn_param=attn_param)
+    config.update(updates)
     (folder / "ckpt" / "config.json").write_text(json.dumps(config))
     _set_config(folder, model=str(folder / "ckpt"))
+
+
+def _sparse_checkpoint(folder: Path, **attn_param) -> None:
+    """A tiny checkpoint whose config.json asks for SSTA with ``attn_param``."""
+    _checkpoint_config(folder, attn_mode="flex-block-attn", attn_param=attn_param)
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
