@@ -18,6 +18,8 @@ from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import RESOLUTION_BASE
 
 EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 1  # the file system refused (read-only, full, a file where a folder goes)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -92,7 +94,10 @@ def parse_joining(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
 
 def run_main(body: Callable[[], int]) -> int:
     """Run a command's body in this process and return its exit code: bad input (a library
-    error, whose settings are shown as flags, or a bad flag) ends in one line on stderr and 2."""
+    error, whose settings are shown as flags, or a bad flag) ends in one line on stderr and 2;
+    the file system refusing (a path that is a file, no space, no permission) in one line and 1;
+    Ctrl-C in one line and 130. Outputs are written under temporary names and renamed when
+    complete, so none of these leaves a half-written one."""
     try:
         return body()
     except InputError as e:
@@ -100,6 +105,14 @@ def run_main(body: Callable[[], int]) -> int:
         return EXIT_BAD_INPUT
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line already written)
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {where}{e.strerror or e}\n")
+        return EXIT_ENVIRONMENT
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: no output of this run was written; a stage run with --checkpoint_every "
+                         "continues with --resume\n")
+        return EXIT_INTERRUPTED
 
 
 def model_config(name: str) -> DiTConfig:

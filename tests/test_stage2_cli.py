@@ -311,6 +311,13 @@ def test_non_finite_result_replaces_nothing(demo, tmp_path):
     assert proc.returncode == 2 and "nan.safetensors: tensor" in proc.stderr and "holds NaN or inf" in proc.stderr
 
 
+def test_output_path_that_is_a_file_is_one_line(demo, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    proc = stage2("--input_dir", demo, "--output_dir", tmp_path / "taken", "--num_inference_steps", 1, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'taken'}: File exists"
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_demo_refuses_to_overwrite_real_inputs(demo, tmp_path):
     shutil.copytree(demo, tmp_path, dirs_exist_ok=True)
     _set_config(tmp_path, stage1={"text_encoder": "qwen"})
