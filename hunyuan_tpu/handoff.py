@@ -46,6 +46,8 @@ def required_keys(task: str, sr: bool = False) -> tuple[str, ...]:
 
 def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, not a stage folder")
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder (run stage 1 first, or stage 2 with {{demo}})")
     return read_json(folder / CONFIG_NAME)

@@ -214,6 +214,7 @@ def _nan(t):
 
 BAD_INPUTS = {
     "missing folder": (lambda f: shutil.rmtree(f), [], "no such folder"),
+    "folder is a file": (lambda f: (shutil.rmtree(f), f.write_text("x")), [], "in: is a file, not a stage folder"),
     "missing embeddings": (lambda f: (f / "embeddings.safetensors").unlink(), [], "embeddings.safetensors: no such file"),
     "truncated embeddings": (_truncate, [], "embeddings.safetensors: cannot read safetensors file"),
     "missing tensor": (lambda f: _break_tensor(f, "negative_prompt_mask_2", None), [], "missing tensor\\(s\\) negative_prompt_mask_2"),
@@ -278,7 +279,7 @@ def test_bad_input(case, demo, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
-    if folder.exists():
+    if folder.is_dir():
         assert (folder / "latents.safetensors").read_bytes() == b"previous run"
 
 
