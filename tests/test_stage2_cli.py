@@ -99,13 +99,13 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
-@pytest.mark.parametrize("cache", [[], ["--enable_cache", "--cache_start_step", 2, "--cache_end_step", 38]],
-                         ids=["plain", "cache"])
-def test_kill_and_resume_matches_uninterrupted(demo, tmp_path, cache):
+def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
     # A bigger canvas than the demo's so that steps take long enough to kill the run part-way.
-    # With the cache, checkpoints land only before full steps, so a resumed run needs no cache.
+    # With the cache, checkpoints land only before full steps, so a resumed run needs no cache
+    # (the same save and resume as without it; an in-process resume without the cache: the SR tests).
     common = ["--input_dir", demo, "--height", 192, "--width", 192, "--video_length", 17,
-              "--num_inference_steps", 40, "--warmup_steps", 0, *cache]
+              "--num_inference_steps", 40, "--warmup_steps", 0,
+              "--enable_cache", "--cache_start_step", 2, "--cache_end_step", 38]
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(cli_runner.command(SCRIPT, *common, "--output_dir", interrupted, "--checkpoint_every", 1),
@@ -300,13 +300,14 @@ def test_non_finite_result_replaces_nothing(demo, tmp_path):
     shutil.copytree(demo, folder)
     (folder / "latents.safetensors").write_bytes(b"previous run")
     common = ["--lora", _adapter(tmp_path), "--lora_scale", 1e30, "--num_inference_steps", 2, "--warmup_steps", 0]
-    proc = stage2("--input_dir", folder, *common, check=False)
+    proc = stage2("--input_dir", folder, "--output_dir", tmp_path / "new", *common, check=False)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "the denoised latents hold NaN or inf: nothing written" in line and "--lora_scale" in line
+    assert not (tmp_path / "new").exists()  # the folder the run made is gone
+    (folder / "latents.safetensors").write_bytes(b"previous run")  # into the input folder: the old file stays
+    assert stage2("--input_dir", folder, *common, check=False).returncode == 2
     assert (folder / "latents.safetensors").read_bytes() == b"previous run"
-    proc = stage2("--input_dir", folder, "--output_dir", tmp_path / "new", *common, check=False)
-    assert proc.returncode == 2 and not (tmp_path / "new").exists()
     # a NaN in the file itself is refused before anything runs
     proc = stage2("--input_dir", folder, "--lora", _adapter(tmp_path, poison=True), check=False)
     assert proc.returncode == 2 and "nan.safetensors: tensor" in proc.stderr and "holds NaN or inf" in proc.stderr
