@@ -32,7 +32,6 @@ import jax
 
 import stage2_transformer as stage2
 from hunyuan_tpu import attention, handoff, parallel
-from hunyuan_tpu.cache import CacheSchedule
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import LATENT_CHANNELS, Denoiser, latent_shape
@@ -108,11 +107,7 @@ OWN = {
     "lq_noise_seed": (int, None),
     "checkpoint_every": (int, 0),
     "dense_attention": (bool, False),
-    "enable_cache": (bool, False),
-    "cache_start_step": (int, CacheSchedule.start),
-    "cache_end_step": (int, CacheSchedule.end),
-    "cache_step_interval": (int, CacheSchedule.interval),
-    "cache_keep_blocks": (int, CacheSchedule.keep_blocks),
+    **stage2.CACHE_DEFAULTS,  # not stage 2's own: its schedule is for its steps
 }
 
 

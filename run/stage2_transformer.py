@@ -165,6 +165,14 @@ def build_parser() -> Parser:
     return p
 
 
+# the feature cache's settings, as stage 2 and the SR stage take them
+CACHE_DEFAULTS = {
+    "enable_cache": (bool, False),
+    "cache_start_step": (int, CacheSchedule.start),
+    "cache_end_step": (int, CacheSchedule.end),
+    "cache_step_interval": (int, CacheSchedule.interval),
+    "cache_keep_blocks": (int, CacheSchedule.keep_blocks),
+}
 GENERAL_DEFAULTS = {
     "model": (str, "tiny"),
     "dtype": (str, "bfloat16"),
@@ -187,11 +195,7 @@ GENERAL_DEFAULTS = {
     "splash_block_q": (int, attention.SPLASH_BLOCK_Q),
     "splash_block_kv": (int, attention.SPLASH_BLOCK_KV),
     "splash_block_kv_compute": (int, attention.SPLASH_BLOCK_KV_COMPUTE),
-    "enable_cache": (bool, False),
-    "cache_start_step": (int, CacheSchedule.start),
-    "cache_end_step": (int, CacheSchedule.end),
-    "cache_step_interval": (int, CacheSchedule.interval),
-    "cache_keep_blocks": (int, CacheSchedule.keep_blocks),
+    **CACHE_DEFAULTS,
 }
 
 
