@@ -2,11 +2,11 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 import torch
 
+import compiles
 from hunyuan_tpu import pipeline
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
@@ -74,22 +74,13 @@ def test_loop_matches_eager_reference(task, meanflow, guidance):
 def test_compiled_once_for_five_steps(task):
     torchax_env()  # the process's one-time torchax set-up is not part of a run
     model, emb, settings = _setup(task)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(kwargs.get("fun_name"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles.recorded() as compiled:
         conditions = pipeline.build_conditions(emb, task=task, shape=SHAPE, cfg=True)
         denoiser = _denoiser(model, conditions, settings, torch.bfloat16)
         result = pipeline.denoise(denoiser, pipeline.initial_noise(0, SHAPE), progress=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert len(result.step_seconds) == 5
     # the step, once; besides it only the one-time stacking of the block weights by layer
-    assert compiles.count("jit(step)") == 1 and set(compiles) <= {"jit(step)", "jit(_stack)"}
+    assert compiled.count("jit(step)") == 1 and set(compiled) <= {"jit(step)", "jit(_stack)"}
     assert result.latents.dtype == np.float32 and np.isfinite(result.latents).all()
 
 

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKLHunyuanVideo15
 from safetensors.torch import save_file
 
 import cli_runner
+import compiles
 from hunyuan_tpu import handoff
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
@@ -142,18 +143,9 @@ def test_jax_on_every_device_equals_one_device_and_eager_torch(vae):
     latents = torch.randn(1, 32, 1, 10, 10, generator=torch.Generator().manual_seed(3)).numpy()
     torchax_env()  # the process's one-time torchax set-up is not part of a decode
     one = decode(vae, latents, backend="jax", tiling=SMALL_TILES, devices=devices[:1])
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(kwargs.get("fun_name"))
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles.recorded() as compiled:
         every = decode(vae, latents, backend="jax", tiling=SMALL_TILES)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == ["jit(decode_tile)"] * 4
+    assert compiled == ["jit(decode_tile)"] * 4
     assert every.shape == (1, 3, 1, 160, 160) and np.isfinite(every).all()
     np.testing.assert_array_equal(every, one)
     assert rel_l2(every, decode(vae, latents, backend="torch", tiling=SMALL_TILES)) < 1e-5
