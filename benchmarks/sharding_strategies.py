@@ -124,9 +124,7 @@ def project(args) -> None:
         print(f"| {name} | {mesh_spec} | {r.need_bytes / 1e9:.1f} ({r.args_bytes / 1e9:.1f} + "
               f"{r.temp_bytes / 1e9:.1f} + {r.output_bytes / 1e9:.2f}){fits} | "
               f"{r.flops / 1e12:.0f} | {r.hbm_bytes / 1e9:.0f} | {r.wire_bytes / 1e9:.1f} | "
-              f"{projection.describe_collectives(r.collectives)} | {r.roofline.compute_s:.2f} | "
-              f"{r.roofline.memory_s:.2f} | {r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} "
-              f"({r.roofline.overlapped_s:.2f}) |", flush=True)
+              f"{projection.describe_collectives(r.collectives)} | {r.roofline.cells()} |", flush=True)
         print(f"<!-- {name} {mesh_spec}: compiled in {r.compile_s:.0f} s; non-attention {r.compiled_flops / 1e12:.1f} "
               f"TFLOP, attention {r.attention_flops / 1e12:.1f} TFLOP per chip -->", flush=True)
 

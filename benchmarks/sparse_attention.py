@@ -333,9 +333,7 @@ def project_report(args, canvases: list[Canvas]) -> None:
                 fits = "" if r.fits(chip) else ": does not fit"
                 print(f"{prefix} {r.need_bytes / 1e9:.1f}{fits} | {r.flops / 1e12:.0f} "
                       f"({r.attention_flops / 1e12:.0f}) | {r.hbm_bytes / 1e9:.0f} ({r.kv_bytes / 1e9:.0f}) | "
-                      f"{r.wire_bytes / 1e9:.1f} | "
-                      f"{r.roofline.compute_s:.2f} | {r.roofline.memory_s:.2f} | {r.roofline.comm_s:.2f} | "
-                      f"{r.roofline.step_s:.2f} ({r.roofline.overlapped_s:.2f}) |", flush=True)
+                      f"{r.wire_bytes / 1e9:.1f} | {r.roofline.cells()} |", flush=True)
                 print(f"<!-- {c.frames} {name} {mesh_spec} {preset}: compiled in {r.compile_s:.0f} s; "
                       f"{projection.describe_collectives(r.collectives, digits=0)} -->", flush=True)
     cfg = DiTConfig.preset("720p_t2v_distilled_sparse")

@@ -100,9 +100,7 @@ def project_preset(preset: str, shape: tuple[int, int, int], layouts: list[Layou
               f"{(r.args_bytes - r.weights_bytes) / 1e9:.1f} + {r.temp_bytes / 1e9:.1f} + "
               f"{r.output_bytes / 1e9:.2f}) | "
               f"{'yes' if r.fits(chip) else 'no'} | {r.flops / 1e12:.0f} ({r.attention_flops / 1e12:.0f}) | "
-              f"{r.hbm_bytes / 1e9:.0f} | {r.wire_bytes / 1e9:.1f} | {r.roofline.compute_s:.2f} | "
-              f"{r.roofline.memory_s:.2f} | {r.roofline.comm_s:.2f} | {r.roofline.step_s:.2f} "
-              f"({r.roofline.overlapped_s:.2f}) |", flush=True)
+              f"{r.hbm_bytes / 1e9:.0f} | {r.wire_bytes / 1e9:.1f} | {r.roofline.cells()} |", flush=True)
         print(f"<!-- {preset} {name} {mesh_spec}: compiled in {r.compile_s:.0f} s; "
               f"{projection.describe_collectives(r.collectives)} -->", flush=True)
     return results

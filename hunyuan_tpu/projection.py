@@ -77,6 +77,11 @@ class Roofline:
         """max of the three: collectives fully hidden behind compute (a lower estimate)."""
         return max(self.compute_s, self.memory_s, self.comm_s)
 
+    def cells(self) -> str:
+        """The benchmarks' table cells: compute | memory | comm | upper (lower) seconds."""
+        return (f"{self.compute_s:.2f} | {self.memory_s:.2f} | {self.comm_s:.2f} | {self.step_s:.2f} "
+                f"({self.overlapped_s:.2f})")
+
 
 def roofline(flops: float, hbm_bytes: float, wire_bytes: float, chip: Chip) -> Roofline:
     """Per-chip time for a step that does ``flops``, moves ``hbm_bytes`` through HBM and sends
