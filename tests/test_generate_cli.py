@@ -145,6 +145,7 @@ STAGE1_BAD = {
     "no prompt": ([], "--prompt is missing"),
     "undecodable prompt": (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text \\(at character 3\\)"),
     "bad dtype": (["--prompt", "x", "--text_encoder_dtype", "int8"], "argument --text_encoder_dtype: invalid choice"),
+    "bad backend": (["--prompt", "x", "--encoder_backend", "tpu"], "argument --encoder_backend: invalid choice"),
     "missing text encoder": (["--prompt", "x", "--text_encoder", "/nonexistent/llm"], "--text_encoder /nonexistent/llm: no such folder"),
     "missing image": (["--prompt", "x", "--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
     "vision without image": (["--prompt", "x", "--vision_encoder", "/x"], "--vision_encoder is for i2v"),

@@ -368,6 +368,9 @@ SR_BAD_INPUTS = {
     "bad upsampler": (lambda f: None, ["--upsampler", "/nowhere/up"], "--upsampler /nowhere/up: no such folder"),
     "i2v without --sr": (lambda f: _as_i2v(f), [], r"missing tensor\(s\) sr_vision_states, sr_image_cond_latents"),
     "cache past the end": (lambda f: None, ["--enable_cache"], r"--cache_end_step 45 is past the last step"),
+    "zero shift": (lambda f: None, ["--flow_shift", 0], r"--flow_shift 0.0 must be > 0"),
+    "negative noise seed": (lambda f: None, ["--lq_noise_seed", -1], r"--lq_noise_seed -1 must be between 0 and 2"),
+    "nan guidance": (lambda f: None, ["--guidance_scale", "nan"], "argument --guidance_scale: 'nan' is not a finite"),
 }
 
 
