@@ -85,7 +85,7 @@ def main() -> None:
         state["eager_i"] += 1
 
     def jit():
-        state["jit"], _ = denoiser.step(state["jit"], state["jit_i"])
+        state["jit"], _ = denoiser.step(state["jit"], state["jit_i"], {})
         state["jit"].block_until_ready()
         state["jit_i"] += 1
 

@@ -505,31 +505,31 @@ class HunyuanVideo15DiT(nn.Module):
         timestep_r: torch.Tensor | None = None,
         *,
         vision_mask: torch.Tensor | None = None,
-        split: int | None = None,
+        save: tuple[int, ...] = (),
+        start: int = 0,
         streams: Streams | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Streams]:
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[Streams]]:
         """Predict the flow-matching velocity.
 
         x: (B, 65, T, H, W) = [noisy latents, condition latents, mask] (SR: 98, + LR latents, mask);
         t: (B,) timesteps in 0..1000; text_states (B, S1, text_states_dim) with text_mask (B, S1);
         byt5_states (B, S2, byt5_states_dim) with byt5_mask (B, S2); vision_states (B, S3,
         vision_states_dim) for i2v, None for t2v; timestep_r (B,) for meanflow models;
-        vision_mask (B, S3), where a batch mixes i2v samples (True) and t2v ones (False).
-        Returns (B, 32, T, H, W).
+        vision_mask (B, S3), where a batch mixes i2v samples (True) and t2v ones (False). Returns (B, 32, T, H, W).
 
-        The feature cache (``hunyuan_tpu.cache``) cuts the forward at block ``split``. Without
-        ``streams`` the forward also returns the (img, txt) streams entering that block:
-        ``(velocity, streams)``. Given ``streams`` saved so at an earlier step, it starts there:
-        nothing is embedded and blocks before ``split`` do not run; the blocks from ``split`` on
-        and the final layer see this step's timestep embedding. ``x`` then gives only the shape.
+        The feature caches (``hunyuan_tpu.cache``) cut the forward between blocks (block ``depth``:
+        the final layer). ``save``: also return the (img, txt) streams entering those blocks,
+        ``(velocity, [streams, ...])``. ``start``: run the blocks from there on, from ``streams``
+        (saved at an earlier step: nothing is embedded, ``x`` gives only the shape) or from this
+        step's embedded streams with ``residual`` added to the image stream; either way with this
+        step's timestep embedding.
         """
-        cfg, layout, scope = self.config, self.execution.layout, self.execution.scope
+        cfg, layout, scope, depth = self.config, self.execution.layout, self.execution.scope, len(self.double_blocks)
         if timestep_r is not None and self.time_r_in is None:
             raise ValueError("timestep_r given but this model has no time_r_in (use_meanflow=False)")
-        if split is not None and not 0 <= split < len(self.double_blocks):
-            raise ValueError(f"split {split} is not a block index (0..{len(self.double_blocks) - 1})")
-        if streams is not None and split is None:
-            raise ValueError("streams need the split they were saved at")
+        if not all(start <= k <= depth for k in save) or not 0 <= start <= depth:
+            raise ValueError(f"blocks to save {save} and start {start} must be in order within 0..{depth}")
         grid = tuple(n // p for n, p in zip(x.shape[2:], cfg.patch_size))
         tokens = math.prod(grid)
         padding = -tokens % self.execution.token_multiple
@@ -563,13 +563,12 @@ class HunyuanVideo15DiT(nn.Module):
                     self.double_blocks, part, streams, functools.partial(run_block, attend=attend), scope)
             return streams
 
-        depth = len(self.double_blocks)
+        img, saved = img if residual is None else layout(img + residual, IMG), []
         with scope("blocks"):
-            if split is not None and streams is None:  # a full step of the cache: stop at split to save the streams
-                img, txt = saved = run_span(range(split), (img, txt))
-                img, txt = run_span(range(split, depth), saved)
-            else:
-                img, txt = run_span(range(0 if streams is None else split, depth), (img, txt))
+            for stop in (*sorted(save), depth):
+                img, txt = run_span(range(start, stop), (img, txt))
+                saved.append((img, txt))
+                start = stop
         with scope("final_layer"):
             velocity = unpatchify(self.final_layer(img[:, :tokens], vec), grid, cfg.patch_size)
-        return (velocity, saved) if split is not None and streams is None else velocity
+        return (velocity, saved[:-1]) if save else velocity

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,14 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sharding import IMG, TXT
-
 from . import scheduler
 from .attention import Kernel, SparseKernel, block_sparse_xla, xla_attention
-from .cache import CacheSchedule
+from .cache import FeatureCache, NoCache, State
 from .config import DiTConfig
 from .files import InputError
-from .model import BlockRunner, Streams
+from .model import BlockRunner
 from .parallel import Placement
 from .params import meta_model
 from .runtime import JaxParams, functional, tracing
@@ -200,17 +199,17 @@ def build_conditions(
 
 # ---- the step --------------------------------------------------------------------------------
 
-def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int | None = None) -> Callable:
-    """``step(params, conditions, latents, i, streams=None)`` for one Euler step with CFG.
+def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, cache: FeatureCache | None = None,
+              cached: bool = False, depth: int = 0, patch: tuple[int, int, int] = (1, 1, 1)) -> Callable:
+    """``step(params, conditions, latents, i)`` for one Euler step with CFG: the new latents.
 
     ``conditions`` holds the device arrays from ``build_conditions`` plus ``sigmas`` (N+1,)
-    and ``guidance_scale`` (scalar); ``i`` is the traced step index. With ``split`` (the
-    feature cache, ``hunyuan_tpu.cache``) a step without ``streams`` is a full step and returns
-    ``(latents, streams)``, the streams entering block ``split``; a step given them is a cached
-    step and returns the latents.
+    and ``guidance_scale`` (scalar); ``i`` is the traced step index. With a ``cache`` (of a
+    model of ``depth`` blocks and ``patch`` size) the step is that cache's full step, or its
+    cached step if ``cached``: ``step(params, conditions, latents, i, state) -> (latents, state)``.
     """
 
-    def step(params, conditions, latents, i, streams=None):
+    def step(params, conditions, latents, i, state=None):
         sigma, sigma_next = conditions["sigmas"][i], conditions["sigmas"][i + 1]
         parts = [latents, conditions["cond_latents"]]
         if "lr_latents" in conditions:  # super-resolution: the LR condition, all zeros (mask too) once t < 700
@@ -222,22 +221,29 @@ def make_step(apply: Callable, *, cfg: bool, meanflow: bool, dtype, split: int |
         t = jnp.full((batch,), sigma * 1000)
         # meanflow: the model also sees the next timestep (0 on the last step, as sigmas end at 0)
         t_r = jnp.full((batch,), sigma_next * 1000) if meanflow else None
-        with jax.named_scope("dit"):
-            out = apply(
+
+        def forward(**cut):
+            return apply(
                 params, x, t,
                 conditions["prompt_embeds"], conditions["prompt_mask"],
                 conditions["prompt_embeds_2"], conditions["prompt_mask_2"],
-                conditions.get("vision_states"), t_r, split=split, streams=streams,
-                vision_mask=conditions.get("vision_mask"),
+                conditions.get("vision_states"), t_r, vision_mask=conditions.get("vision_mask"), **cut,
             )
-        v, saved = out if split is not None and streams is None else (out, None)
+
+        with jax.named_scope("dit"):
+            if cache is None:
+                v = forward()
+            else:
+                tokens = math.prod(n // p for n, p in zip(latents.shape[2:], patch))
+                run = cache.cached if cached else cache.full
+                v, state = run(forward, state, i, depth=depth, tokens=tokens)
         with jax.named_scope("scheduler"):
             v = v.astype(jnp.float32)
             if cfg:
                 v_uncond, v_cond = v[:1], v[1:]
                 v = v_uncond + conditions["guidance_scale"] * (v_cond - v_uncond)
             latents = scheduler.euler_step(latents, v, sigma, sigma_next)
-        return latents if saved is None else (latents, saved)
+        return latents if cache is None else (latents, state)
 
     return step
 
@@ -256,31 +262,36 @@ def step_function(
     dtype,
     *,
     placement: Placement = Placement(),
-    split: int | None = None,
+    cache: FeatureCache | None = None,
     cached: bool = False,
     run_blocks: BlockRunner = scanned_blocks,
 ) -> Callable:
     """The jitted step for ``config``, laid out by ``placement``.
 
     Latents go in and come out replicated, so every step has the same signature and reuses
-    one executable; the latents buffer is donated. With ``split`` it is the feature cache's
-    full step (``cached`` False: also returns the streams, laid out like the model's residual
-    streams) or cached step (``cached`` True: takes them, and leaves them for the next one).
+    one executable; the latents buffer is donated. With a ``cache`` it is that cache's full
+    step (``cached`` False) or cached step, which also take and return the cache's state, laid
+    out as the cache says (the image and text streams' layouts between blocks); the state
+    going in is donated too.
     ``run_blocks``: the double blocks as one loop, weights stacked by layer (``scan``) or, at a
     copy per step, per layer; ``model.loop_blocks`` unrolls them (per-layer weights only).
     """
-    if cached and split is None:
-        raise ValueError("a cached step needs the split its streams were saved at")
     # named scopes make the profiler trace read embed / blocks / double_blocks_<first>_to_<last> / final_layer
     execution = dataclasses.replace(placement.execution, scope=jax.named_scope, run_blocks=run_blocks)
     model = meta_model(config, execution)
-    step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype, split=split)
-    out_shardings = placement.replicated
-    if placement.mesh is not None and split is not None and not cached:
-        out_shardings = (out_shardings, (placement.activation(IMG), placement.activation(TXT)))
-    # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
-    # argument memory is exactly what the sharding tables imply
-    return jax.jit(step, donate_argnums=2, out_shardings=out_shardings, keep_unused=True)
+    step = make_step(functional(model), cfg=settings.cfg, meanflow=config.use_meanflow, dtype=dtype, cache=cache,
+                     cached=cached, depth=config.mm_double_blocks_depth, patch=config.patch_size)
+    if cache is None:
+        # keep_unused: every parameter stays an argument (e.g. vision_in in t2v), so the compiled
+        # argument memory is exactly what the sharding tables imply
+        return jax.jit(step, donate_argnums=2, out_shardings=placement.replicated, keep_unused=True)
+    state = {name: state_sharding(placement, kind) for name, kind in cache.layout.items()}
+    return jax.jit(step, donate_argnums=(2, 4), out_shardings=(placement.replicated, state), keep_unused=True)
+
+
+def state_sharding(placement: Placement, kind: str | None):
+    """Where a cache's state entry lives: like the activation ``kind`` names, or replicated (None)."""
+    return placement.replicated if kind is None else placement.activation(kind)
 
 
 class Denoiser:
@@ -288,8 +299,8 @@ class Denoiser:
 
     ``params`` (from ``hunyuan_tpu.params``, placed by ``placement.params``) fix the model
     dtype; the step's activations follow the placement's layouts.
-    With a ``cache`` schedule there are two executables, the full step and the cached step,
-    and ``step`` picks by the step index; the streams between them stay on device.
+    A ``cache`` (``hunyuan_tpu.cache``) with cached steps brings a second executable, its cached
+    step; ``step`` picks by the step index, and the cache's state stays on device between steps.
     Per-layer weights are stacked by layer here, once (a copy: a caller done with its
     per-layer arrays passes ``scan.stack_blocks(params, donate=True)`` to keep one copy).
     """
@@ -304,20 +315,18 @@ class Denoiser:
         placement: Placement = Placement(),
         attention: Kernel = xla_attention,
         sparse_attention: SparseKernel = block_sparse_xla,
-        cache: CacheSchedule | None = None,
+        cache: FeatureCache = NoCache(),
     ):
-        self.settings, self.placement, self.cache = settings, placement, cache
+        self.config, self.settings, self.placement, self.cache = config, settings, placement, cache
         self.attention, self.sparse_attention = attention, sparse_attention
         self.params = stack_blocks(params)
-        dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
+        self.dtype = params["img_in.proj.weight"].dtype  # the model computes in its weights' dtype
         self.latents_sharding = placement.replicated
-        self.conditions = jax.device_put(device_conditions(conditions, settings, dtype), self.latents_sharding)
-        if cache is not None:
-            cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
-        split = cache.split(config.mm_double_blocks_depth) if cache is not None else None
-        jitted = functools.partial(step_function, config, settings, dtype, placement=placement, split=split)
+        self.conditions = jax.device_put(device_conditions(conditions, settings, self.dtype), self.latents_sharding)
+        cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
+        jitted = functools.partial(step_function, config, settings, self.dtype, placement=placement, cache=cache)
         self._jitted = jitted()
-        self._jitted_cached = jitted(cached=True) if cache is not None else None
+        self._jitted_cached = jitted(cached=True) if not all(map(cache.is_full, range(self.num_steps))) else None
         self.compiled = self.compiled_cached = None
 
     def use_params(self, params: JaxParams) -> None:
@@ -330,41 +339,58 @@ class Denoiser:
         return self.settings.num_inference_steps
 
     def is_full(self, i: int) -> bool:
-        """Whether step ``i`` runs every block (always, without the cache)."""
-        return self.cache is None or self.cache.is_full(i)
+        """Whether step ``i`` runs every block."""
+        return self.cache.is_full(i)
+
+    def _image_stream(self, latents_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+        """The image stream's shape between blocks: (batch, tokens padded for the layout, hidden)."""
+        tokens = math.prod(n // p for n, p in zip(latents_shape[2:], self.config.patch_size))
+        padded = tokens + -tokens % self.placement.execution.token_multiple
+        batch = 2 if self.settings.cfg else 1
+        return jax.ShapeDtypeStruct((batch, padded, self.config.hidden_size), self.dtype)
+
+    def initial_state(self, latents_shape: tuple[int, ...], saved: dict[str, np.ndarray] | None = None) -> State:
+        """The cache's carried state on device: as before the first step, or ``saved`` (a checkpoint's)."""
+        host = self.cache.initial(self._image_stream(latents_shape)) if saved is None else saved
+        expected = self.cache.carried
+        if set(host) != set(expected):
+            raise InputError(f"the checkpoint's cache state holds {sorted(host)}, {self.cache.name} needs "
+                             f"{sorted(expected)}")
+        return {k: jax.device_put(v, state_sharding(self.placement, expected[k])) for k, v in host.items()}
 
     def compile(self, latents_shape: tuple[int, ...]) -> float:
         """Trace and compile the step(s) ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
+        carried = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                           sharding=state_sharding(self.placement, self.cache.carried[k]))
+                   for k, v in self.cache.initial(self._image_stream(latents_shape)).items()}
         with tracing(self.placement.mesh, self.attention, self.sparse_attention):
-            lowered = self._jitted.lower(self.params, self.conditions, latents, 0)
+            lowered = self._jitted.lower(self.params, self.conditions, latents, 0, carried)
             self.compiled = lowered.compile()
-            if self.cache is not None:  # the cached step takes the streams as the full step leaves them
-                streams = tuple(
-                    jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
-                    for info, sharding in zip(lowered.out_info[1], self.compiled.output_shardings[1])
-                )
+            if self._jitted_cached is not None:  # the cached step takes the state as the full step leaves it
+                state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
+                                                                                 sharding=sharding),
+                                     lowered.out_info[1], self.compiled.output_shardings[1])
                 self.compiled_cached = self._jitted_cached.lower(
-                    self.params, self.conditions, latents, 0, streams
-                ).compile()
+                    self.params, self.conditions, latents, 0, state).compile()
         return time.perf_counter() - start
 
     def place(self, latents: np.ndarray) -> jax.Array:
         return jax.device_put(np.asarray(latents, np.float32), self.latents_sharding)
 
-    def step(self, latents: jax.Array, i: int, streams: Streams | None = None) -> tuple[jax.Array, Streams | None]:
-        """Step ``i``: the new latents, and the streams for the cached steps after it (None
-        without the cache). A cached step needs the streams of the last full step."""
+    def step(self, latents: jax.Array, i: int, state: State) -> tuple[jax.Array, State]:
+        """Step ``i``: the new latents and the cache's state. A full step takes the carried state
+        (``initial_state``, or what the last step left: the rest is dropped here); a cached step
+        takes the whole state of the steps before it."""
         if self.compiled is None:
             self.compile(latents.shape)
-        if self.cache is None:
-            return self.compiled(self.params, self.conditions, latents, i), None
         if self.cache.is_full(i):
-            return self.compiled(self.params, self.conditions, latents, i)
-        if streams is None:
+            carried = {k: state[k] for k in self.cache.carried}
+            return self.compiled(self.params, self.conditions, latents, i, carried)
+        if set(state) != set(self.cache.layout):
             raise ValueError(f"step {i} is a cached step, but no full step ran before it")
-        return self.compiled_cached(self.params, self.conditions, latents, i, streams), streams
+        return self.compiled_cached(self.params, self.conditions, latents, i, state)
 
 
 @dataclasses.dataclass
@@ -379,28 +405,28 @@ def denoise(
     latents: np.ndarray,
     start_step: int = 0,
     *,
-    on_step: Callable[[int, jax.Array], None] | None = None,
+    state: dict[str, np.ndarray] | None = None,
+    on_step: Callable[[int, jax.Array, State], None] | None = None,
     progress: bool = True,
 ) -> LoopResult:
-    """Run steps ``start_step .. N-1`` from host ``latents``; ``on_step(i + 1, latents)`` after each.
+    """Run steps ``start_step .. N-1`` from host ``latents``; ``on_step(i + 1, latents, state)`` after each.
 
     Each step is waited for, so that the per-step times are real; nothing else leaves the
-    device unless ``on_step`` asks for it. ``start_step`` must be a full step (the cache's
-    streams are not saved between runs).
+    device unless ``on_step`` asks for it. ``start_step`` must be a full step; ``state`` is the
+    cache's carried state there (a checkpoint's; default: as before step 0).
     """
     if start_step < denoiser.num_steps and not denoiser.is_full(start_step):
         raise ValueError(f"step {start_step} is a cached step: a run can start only at a full step")
-    x, streams = denoiser.place(latents), None
+    x = denoiser.place(latents)
+    carried = denoiser.initial_state(x.shape, state)
     times, full = [], []
     for i in tqdm(range(start_step, denoiser.num_steps), desc="denoise", unit="step", disable=not progress,
                   initial=start_step, total=denoiser.num_steps):
-        if denoiser.is_full(i):
-            streams = None  # frees the old streams before the full step allocates new ones
         begin = time.perf_counter()
-        x, streams = denoiser.step(x, i, streams)
+        x, carried = denoiser.step(x, i, carried)
         x.block_until_ready()
         times.append(time.perf_counter() - begin)
         full.append(denoiser.is_full(i))
         if on_step is not None:
-            on_step(i + 1, x)
+            on_step(i + 1, x, carried)
     return LoopResult(np.asarray(x), times, full)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import hlo, parallel, pipeline
+from .cache import FeatureCache
 from .config import DiTConfig
 from .model import loop_blocks
 from .runtime import tracing
@@ -195,6 +196,8 @@ def project_step(
     kv_bytes: float = 0.0,
     attention: Callable = attention_stand_in,
     sparse_attention: Callable | None = None,
+    cache: FeatureCache | None = None,
+    cached: bool = False,
 ) -> StepProjection:
     """One denoising step of ``config`` on a (T, H, W) latent canvas, laid out by ``placement``,
     with the host ``conditions`` (``pipeline.build_conditions``'s; SR adds ``lr_latents``) and
@@ -203,7 +206,8 @@ def project_step(
     ``attention`` (and ``sparse_attention``) are the stand-in kernels it is traced with;
     ``attention_flops`` and ``kv_bytes`` (the kernels' K/V re-reads the stand-ins leave out) are
     the whole step's, all chips: attention is split by batch over dp and by heads over every other
-    axis, so each chip does 1 / mesh size of it.
+    axis, so each chip does 1 / mesh size of it. With a ``cache`` it is that cache's full step, or
+    its ``cached`` step, given the state as the full step leaves it.
     """
     dtype = jnp.float32  # see the module docstring: halved to bf16 in _on_chip
     shardings, shapes = placement.params, parallel.param_shapes(config)
@@ -214,11 +218,24 @@ def project_step(
     latents = jax.ShapeDtypeStruct((1, pipeline.LATENT_CHANNELS, *shape), jnp.float32, sharding=placement.replicated)
     kernels = (attention,) if sparse_attention is None else (attention, sparse_attention)
     begin = time.perf_counter()
-    # the blocks unrolled (and the weights per layer): XLA's cost analysis counts a loop body
-    # once, so the scanned step would show one block's FLOPs and bytes
+    args = [params, conds, latents, 0]
     with tracing(placement.mesh, *kernels):
-        compiled = pipeline.step_function(config, settings, dtype, placement=placement, run_blocks=loop_blocks).lower(
-            params, conds, latents, 0).compile()
+        if cache is not None:
+            batch = 2 if settings.cfg else 1
+            img = jax.ShapeDtypeStruct((batch, padded_tokens(shape, placement), config.hidden_size), dtype)
+            args.append({k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                                 sharding=pipeline.state_sharding(placement, cache.carried[k]))
+                         for k, v in cache.initial(img).items()})
+            if cached:  # the state's shapes from the full step, traced (not compiled) with the blocks scanned
+                full = pipeline.step_function(config, settings, dtype, placement=placement, cache=cache)
+                state = jax.eval_shape(full, *args)[1]
+                args[-1] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                    sharding=pipeline.state_sharding(placement, cache.layout[k]))
+                            for k, v in state.items()}
+        # the blocks unrolled (and the weights per layer): XLA's cost analysis counts a loop body
+        # once, so the scanned step would show one block's FLOPs and bytes
+        compiled = pipeline.step_function(config, settings, dtype, placement=placement, cache=cache, cached=cached,
+                                          run_blocks=loop_blocks).lower(*args).compile()
     return _on_chip(compiled, placement, shapes, chip, attention_flops, kv_bytes, time.perf_counter() - begin)
 
 

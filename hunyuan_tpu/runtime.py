@@ -105,6 +105,14 @@ def to_host_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def to_torch(a: np.ndarray | jax.Array) -> torch.Tensor:
+    """A host copy of an array as a CPU torch tensor (``to_host_array``'s inverse, bfloat16 included)."""
+    a = np.array(a, order="C")  # a copy that keeps 0-d arrays 0-d
+    if a.dtype == jnp.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def functional(module: torch.nn.Module) -> Callable[..., Any]:
     """``apply(params, *args, **kwargs)``: the module's forward as a pure JAX function.
 

@@ -64,8 +64,7 @@ def sr_args(args: argparse.Namespace, folder: str) -> argparse.Namespace:
     """The SR stage's flags: the devices, kernels, dtype and seed of the base run (from stage 2's
     record), its own model and sampling; no feature cache (the base run's schedule is for its steps)."""
     own = stage_args(stage2_sr.build_parser(), args, input_dir=folder, output_dir=folder)
-    for cache_flag in ("enable_cache", "cache_start_step", "cache_end_step", "cache_step_interval",
-                       "cache_keep_blocks"):
+    for cache_flag in (*stage2.CACHE_DEFAULTS, "magcache_calibrate"):
         setattr(own, cache_flag, None)
     for flag, name in SR_FLAGS.items():
         setattr(own, name, getattr(args, flag))

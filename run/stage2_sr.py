@@ -32,6 +32,7 @@ import jax
 
 import stage2_transformer as stage2
 from hunyuan_tpu import attention, handoff, parallel
+from hunyuan_tpu.cache import MagCacheCalibration
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import LATENT_CHANNELS, Denoiser, latent_shape
@@ -203,9 +204,9 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tup
     s["resolution"] = config.ideal_resolution or "720p"
     _, h, w = hr_canvas(s["lr_latent_shape"], s["resolution"])
     s["height"], s["width"] = h * 16, w * 16
+    stage2.settle_cache_type(s, source)
     settings = Settings(**s)
-    if settings.cache is not None:
-        settings.cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
+    settings.cache(config)  # checks the cache's settings
     return settings, config
 
 
@@ -237,6 +238,7 @@ def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device]) -> stage2.
     source = str(in_dir / handoff.CONFIG_NAME)
     lr = handoff.read_latents(in_dir)
     s, config = resolve_settings(args, stage_config, lr.shape, source)
+    calibrate = stage2.calibrating(args, s)
     embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:], sr=True)
     upsampler = upsampler_of(s.upsampler)
     placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1, devices=devices)
@@ -253,16 +255,17 @@ def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device]) -> stage2.
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cache = MagCacheCalibration() if calibrate else s.cache(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = fingerprint(s, in_dir)
-    latents, start_step = stage2.start(s, out_dir / stage2.checkpoint_name(KEY), run_id, args.resume)
+    latents, start_step, state = stage2.start(s, out_dir / stage2.checkpoint_name(KEY), run_id, args.resume)
     params = stack_blocks(params, donate=True)
     denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
-                        sparse_attention=sparse_kernel, cache=s.cache)
+                        sparse_attention=sparse_kernel, cache=cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
     record = {"upsample_s": round(upsample_s, 3)}
     return stage2.Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s,
-                         key=KEY, record=record)
+                         key=KEY, record=record, state=state, calibrate=calibrate)
 
 
 def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:

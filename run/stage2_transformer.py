@@ -20,11 +20,13 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-import torch
 
 import sharding
 from hunyuan_tpu import attention, handoff, parallel
-from hunyuan_tpu.cache import CacheSchedule
+from hunyuan_tpu.cache import (
+    Calibration, DeepCache, FeatureCache, MagCache, MagCacheCalibration, NoCache, Schedule, TaylorCache, TeaCache,
+    read_calibration, write_calibration,
+)
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
 from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
@@ -33,7 +35,7 @@ from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, LoopResult, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape, released_variant,
 )
-from hunyuan_tpu.runtime import jax_dtype
+from hunyuan_tpu.runtime import jax_dtype, to_host_array, to_torch
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import (
@@ -48,6 +50,7 @@ def checkpoint_name(key: str) -> str:
 
 
 CHECKPOINT_NAME = checkpoint_name("stage2")
+CACHE_PREFIX = "cache."  # a checkpoint's tensors of the feature cache's carried state
 # The weight-free demo: the tiny preset at 9 frames of 112x64 pixels (3 x 4 x 7 latents).
 DEMO_CONFIG = {
     "prompt": "(demo) seeded random embeddings in place of a text encoder",
@@ -92,16 +95,41 @@ def add_devices_group(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_group(p: argparse.ArgumentParser) -> None:
-    cache = p.add_argument_group("feature cache (DeepCache)")
+    cache = p.add_argument_group(
+        "feature cache",
+        "Full steps run every block; the steps between reuse what the last full step left on device. deepcache "
+        "runs the last block(s) from the features entering them; teacache (AngelSlim's) and taylorcache run only "
+        "the final layer, on the last full step's output or a Taylor extrapolation of it; magcache adds the last "
+        "full step's residual to the step's input, on a schedule from a calibration file. deepcache, teacache and "
+        "taylorcache follow --cache_start_step/--cache_end_step/--cache_step_interval.")
+    cache.add_argument("--cache_type", choices=CACHE_TYPES, help="the cache (default: none; deepcache with "
+                       "--enable_cache)")
     cache.add_argument("--enable_cache", action="store_true", default=None,
-                       help="between full steps, reuse the features entering the last block(s) and run only those "
-                       "and the final layer")
+                       help="the official flag: --cache_type deepcache unless --cache_type names another")
     cache.add_argument("--cache_start_step", type=int, metavar="N", help="steps before N all run in full (default: 11)")
     cache.add_argument("--cache_end_step", type=int, metavar="N", help="steps from N on all run in full (default: 45)")
     cache.add_argument("--cache_step_interval", type=int, metavar="K",
                        help="from the start step to the end step, every K-th step runs in full (default: 4)")
     cache.add_argument("--cache_keep_blocks", type=int, metavar="N",
-                       help="blocks that run on cached steps, the last N (default: 1)")
+                       help="deepcache: blocks that run on cached steps, the last N (default: 1)")
+    cache.add_argument("--taylor_max_order", type=int, metavar="N",
+                       help="taylorcache: highest derivative kept (default: 2)")
+    cache.add_argument("--taylor_low_freqs_order", type=int, metavar="N",
+                       help="taylorcache: derivatives of the low frequencies (default: 2)")
+    cache.add_argument("--taylor_high_freqs_order", type=int, metavar="N",
+                       help="taylorcache: derivatives of the high frequencies (default: 2)")
+    cache.add_argument("--magcache_calibration", metavar="FILE",
+                       help="magcache: the ratios --magcache_calibrate wrote for this model and these settings")
+    cache.add_argument("--magcache_threshold", type=finite_float, metavar="E",
+                       help="magcache: skip while the accumulated error stays under E; 0 caches nothing "
+                       "(default: 0.24)")
+    cache.add_argument("--magcache_max_skips", type=int, metavar="K",
+                       help="magcache: at most K cached steps in a row (default: 4)")
+    cache.add_argument("--magcache_retention_ratio", type=finite_float, metavar="R",
+                       help="magcache: the first R of the steps all run in full (default: 0.2)")
+    cache.add_argument("--magcache_calibrate", metavar="FILE",
+                       help="run every step in full and write the model's per-step residual magnitude ratios to "
+                       "FILE, for --magcache_calibration (the run's latents are written as usual)")
 
 
 def add_kernels_group(p: argparse.ArgumentParser) -> None:
@@ -166,12 +194,21 @@ def build_parser() -> Parser:
 
 
 # the feature cache's settings, as stage 2 and the SR stage take them
+CACHE_TYPES = ("none", "deepcache", "teacache", "taylorcache", "magcache")
 CACHE_DEFAULTS = {
+    "cache_type": (str, None),
     "enable_cache": (bool, False),
-    "cache_start_step": (int, CacheSchedule.start),
-    "cache_end_step": (int, CacheSchedule.end),
-    "cache_step_interval": (int, CacheSchedule.interval),
-    "cache_keep_blocks": (int, CacheSchedule.keep_blocks),
+    "cache_start_step": (int, Schedule.start),
+    "cache_end_step": (int, Schedule.end),
+    "cache_step_interval": (int, Schedule.interval),
+    "cache_keep_blocks": (int, DeepCache.keep_blocks),
+    "taylor_max_order": (int, TaylorCache.max_order),
+    "taylor_low_freqs_order": (int, TaylorCache.low_freqs_order),
+    "taylor_high_freqs_order": (int, TaylorCache.high_freqs_order),
+    "magcache_calibration": (str, None),
+    "magcache_threshold": (float, MagCache.threshold),
+    "magcache_max_skips": (int, MagCache.max_skips),
+    "magcache_retention_ratio": (float, MagCache.retention_ratio),
 }
 GENERAL_DEFAULTS = {
     "model": (str, "tiny"),
@@ -218,11 +255,18 @@ class DenoiseSettings:
     splash_block_q: int
     splash_block_kv: int
     splash_block_kv_compute: int
-    enable_cache: bool
+    cache_type: str
     cache_start_step: int
     cache_end_step: int
     cache_step_interval: int
     cache_keep_blocks: int
+    taylor_max_order: int
+    taylor_low_freqs_order: int
+    taylor_high_freqs_order: int
+    magcache_calibration: str | None
+    magcache_threshold: float
+    magcache_max_skips: int
+    magcache_retention_ratio: float
     num_inference_steps: int
     guidance_scale: float
     flow_shift: float
@@ -231,12 +275,36 @@ class DenoiseSettings:
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.flow_shift)
 
-    @property
-    def cache(self) -> CacheSchedule | None:
-        if not self.enable_cache:
-            return None
-        return CacheSchedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval,
-                             self.cache_keep_blocks)
+    def cache(self, config: DiTConfig) -> FeatureCache:
+        """The run's feature cache, checked against ``config`` and the step count (a MagCache
+        calibration also against the model, LoRA and sampling it was measured with)."""
+        schedule = Schedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval)
+        if self.cache_type == "magcache":
+            if not self.magcache_calibration:
+                raise InputError("--cache_type magcache needs --magcache_calibration FILE (write one with "
+                                 "--magcache_calibrate FILE)")
+            path = Path(self.magcache_calibration)
+            calibration = read_calibration(path)
+            calibration.check_run(self.calibration(config, ()), path)
+            cache = MagCache(calibration, self.magcache_threshold, self.magcache_max_skips,
+                             self.magcache_retention_ratio)
+        else:
+            cache = {
+                "none": NoCache(),
+                "deepcache": DeepCache(schedule, self.cache_keep_blocks),
+                "teacache": TeaCache(schedule),
+                "taylorcache": TaylorCache(schedule, self.taylor_max_order, self.taylor_low_freqs_order,
+                                           self.taylor_high_freqs_order),
+            }[self.cache_type]
+        cache.check(self.num_inference_steps, config.mm_double_blocks_depth)
+        return cache
+
+    def calibration(self, config: DiTConfig, ratios: Sequence[float]) -> Calibration:
+        """A MagCache calibration of this run: what it was measured with, and ``ratios``."""
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
+        lora = getattr(self, "lora", None)
+        return Calibration(tuple(ratios), Path(self.model).name, lora and Path(lora).name, digest,
+                           self.flow_shift, self.guidance_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,10 +355,22 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
     s["height"] = bucket_h if s["height"] is None else s["height"]  # 0 is not "unset": latent_shape refuses it
     s["width"] = bucket_w if s["width"] is None else s["width"]
     latent_shape(s["video_length"], s["height"], s["width"])  # checks the three
+    settle_cache_type(s, source)
     settings = Settings(**s)
-    if settings.cache is not None:
-        settings.cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
+    settings.cache(config)  # checks the cache's settings
     return settings, config
+
+
+def settle_cache_type(s: dict, source: str) -> None:
+    """``cache_type`` from ``--cache_type`` and ``--enable_cache`` (the official flag: deepcache
+    unless ``--cache_type`` names another cache)."""
+    enable = s.pop("enable_cache")
+    if s["cache_type"] is None:
+        s["cache_type"] = "deepcache" if enable else "none"
+    elif enable and s["cache_type"] == "none":
+        raise InputError("--enable_cache turns a cache on and --cache_type none turns it off: give one of them")
+    if s["cache_type"] not in CACHE_TYPES:
+        raise InputError(f"{source}: cache_type {s['cache_type']!r} is not one of {', '.join(CACHE_TYPES)}")
 
 
 def write_demo_inputs(folder: Path) -> None:
@@ -327,6 +407,8 @@ class Stage2:
     compile_s: float
     key: str = "stage2"
     record: dict = dataclasses.field(default_factory=dict)  # what the stage adds to its config.json record
+    state: dict[str, np.ndarray] | None = None  # the cache's carried state at start_step (a checkpoint's)
+    calibrate: Path | None = None  # where --magcache_calibrate writes the ratios
 
     @property
     def checkpoint_path(self) -> Path:
@@ -358,17 +440,32 @@ def weights(model: str, dtype: str, config: DiTConfig, placement: parallel.Place
     return params if adapter is None else merge_adapter(params, adapter, lora_scale)
 
 
-def start(s: DenoiseSettings, checkpoint_path: Path, run_id: str, resume: bool) -> tuple[np.ndarray, int]:
-    """The latents and step to start from: the seed's noise, or a matching checkpoint's."""
+def start(s: DenoiseSettings, checkpoint_path: Path, run_id: str, resume: bool
+          ) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None]:
+    """The latents and step to start from, and the cache's carried state there (None: as before
+    step 0): the seed's noise, or a matching checkpoint's."""
     if resume and checkpoint_path.exists():
         saved, meta = read_safetensors(checkpoint_path)
         if meta.get("run") != run_id:
             raise InputError(f"{checkpoint_path}: saved by a run with other settings or inputs; drop --resume or the file")
         print(f"resuming at step {meta['step']} of {s.num_inference_steps}", file=sys.stderr)
-        return saved["latents"].float().numpy(), int(meta["step"])
+        state = {k.removeprefix(CACHE_PREFIX): to_host_array(v) for k, v in saved.items()
+                 if k.startswith(CACHE_PREFIX)}
+        return saved["latents"].float().numpy(), int(meta["step"]), state
     if resume:
         print(f"no {checkpoint_path.name} in {checkpoint_path.parent}: starting from step 0", file=sys.stderr)
-    return initial_noise(s.seed, s.latent_shape), 0
+    return initial_noise(s.seed, s.latent_shape), 0, None
+
+
+def calibrating(args: argparse.Namespace, s: DenoiseSettings) -> Path | None:
+    """Where ``--magcache_calibrate`` writes the calibration, if given (the run then caches nothing)."""
+    if not args.magcache_calibrate:
+        return None
+    if getattr(args, "resume", False):
+        raise InputError("--magcache_calibrate measures every step from the first: drop --resume")
+    if s.cache_type != "none":
+        raise InputError(f"--magcache_calibrate runs every step in full: drop --cache_type {s.cache_type}")
+    return Path(args.magcache_calibrate)
 
 
 def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> Stage2:
@@ -379,6 +476,7 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     in_dir = out_dir if args.demo else Path(args.input_dir)
     stage_config = handoff.read_config(in_dir)
     s, config = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
+    calibrate = calibrating(args, s)
     embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:])
     conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg, model=config)
     placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1,
@@ -392,56 +490,66 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cache = MagCacheCalibration() if calibrate else s.cache(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
-    latents, start_step = start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
+    latents, start_step, state = start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
     # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
     params = stack_blocks(params, donate=True)
     denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
-                        sparse_attention=sparse_kernel, cache=s.cache)
+                        sparse_attention=sparse_kernel, cache=cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
-    return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s)
+    return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s,
+                  state=state, calibrate=calibrate)
 
 
 def warm_up(run: Stage2, args: argparse.Namespace) -> float:
     """Untimed steps on a copy of the latents (and the profiler's, if asked); returns seconds."""
     begin = time.perf_counter()
     denoiser, steps = run.denoiser, run.settings.num_inference_steps
-    warm, streams = denoiser.place(run.latents), None
+    warm = denoiser.place(run.latents)
+    state = denoiser.initial_state(warm.shape)
     warm_steps = list(range(min(run.settings.warmup_steps, steps)))
     cached_steps = [i for i in range(steps) if not denoiser.is_full(i)]
     if warm_steps and cached_steps:  # the first run of the cached step's executable is not timed either
         warm_steps.append(cached_steps[0])
     for i in warm_steps:
-        warm, streams = denoiser.step(warm, i, streams)
+        warm, state = denoiser.step(warm, i, state)
     jax.block_until_ready(warm)
     seconds = time.perf_counter() - begin
     if args.enable_profiler:  # extra steps on the warm-up copy, so the timed loop stays untraced
-        first = run.settings.cache_start_step if run.settings.enable_cache else 0  # full and cached steps alternate
+        first = cached_steps[0] - 1 if cached_steps else 0  # a full step, then the cached ones after it
         with jax.profiler.trace(args.profiler_output_dir):
             for n in range(args.profiler_steps):
                 with jax.profiler.StepTraceAnnotation("denoise", step_num=n):
-                    warm, streams = denoiser.step(warm, (first + n) % steps, streams)
+                    warm, state = denoiser.step(warm, (first + n) % steps, state)
                     warm.block_until_ready()
         print(f"profiler: {args.profiler_steps} steps traced to {args.profiler_output_dir}", file=sys.stderr)
     return seconds
 
 
-def execute(run: Stage2, writer: bool) -> LoopResult:
-    """The timed denoising loop, saving a checkpoint every ``checkpoint_every`` steps."""
+def execute(run: Stage2, writer: bool) -> tuple[LoopResult, list[float]]:
+    """The timed denoising loop, saving a checkpoint every ``checkpoint_every`` steps; with
+    ``--magcache_calibrate`` also each step's residual magnitude ratio (one scalar read per step)."""
     s, denoiser = run.settings, run.denoiser
+    ratios: list[float] = []
 
-    def save_checkpoint(step: int, x: jax.Array) -> None:
-        # only before a full step: a resumed run needs no feature cache
+    def on_step(step: int, x: jax.Array, state: dict[str, jax.Array]) -> None:
+        if run.calibrate:
+            ratios.append(float(state["ratio"]))
+        # only before a full step, with the state that outlives it (TaylorCache's derivatives)
         if (writer and s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.num_inference_steps
                 and denoiser.is_full(step)):
-            save_safetensors({"latents": torch.tensor(np.asarray(x))}, run.checkpoint_path,
+            carried = {CACHE_PREFIX + k: to_torch(v) for k, v in state.items() if k in denoiser.cache.carried}
+            save_safetensors({"latents": to_torch(x), **carried}, run.checkpoint_path,
                              metadata={"step": str(step), "run": run.run_id})
 
-    return denoise(denoiser, run.latents, run.start_step, on_step=save_checkpoint, progress=writer)
+    result = denoise(denoiser, run.latents, run.start_step, state=run.state, on_step=on_step, progress=writer)
+    return result, ratios
 
 
-def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, devices: Sequence[jax.Device]) -> None:
+def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, devices: Sequence[jax.Device],
+           ratios: Sequence[float] = ()) -> None:
     """Write the latents and the run's record into config.json, and print one summary line; latents
     that are not finite replace nothing."""
     if not np.isfinite(result.latents).all():
@@ -452,6 +560,9 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
         raise InputError(f"the denoised latents hold NaN or inf: nothing written to {run.out_dir} (likely cause: "
                          + causes + ")")
     handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
+    if run.calibrate:
+        write_calibration(run.settings.calibration(run.denoiser.config, ratios), run.calibrate)
+        run.record["magcache_calibrate"] = str(run.calibrate)
     seconds, full = np.array(result.step_seconds), np.array(result.full, bool)
     mean = lambda a: float(a.mean()) if a.size else 0.0  # noqa: E731
     total_s = time.perf_counter() - started
@@ -475,11 +586,15 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
     kept = {k: v for k, v in run.stage_config.items() if not (run.key == "stage2" and k == "sr")}
     handoff.write_config(run.out_dir, {**kept, run.key: record})
     run.checkpoint_path.unlink(missing_ok=True)
-    cached_part = f", {int((~full).sum())} cached (mean {mean(seconds[~full]):.4f} s)" if run.settings.enable_cache else ""
+    cached_part = f", {int((~full).sum())} cached (mean {mean(seconds[~full]):.4f} s)" if (~full).any() else ""
     label = "stage 2" if run.key == "stage2" else run.key.upper()
     print(f"{label}: compile {run.compile_s:.2f} s | {len(seconds)} steps, mean {mean(seconds):.4f} s/step: "
           f"{int(full.sum())} full (mean {mean(seconds[full]):.4f} s){cached_part} | "
           f"total {total_s:.2f} s -> {run.latents_path}")
+    if run.calibrate:
+        print(f"MagCache calibration -> {run.calibrate}: magnitude ratios {min(ratios):.3f} to {max(ratios):.3f}. "
+              "On real weights, run --cache_type magcache --magcache_calibration with the same settings and compare "
+              "its decoded video with this run's (PSNR, SSIM, LPIPS; VBench on several prompts) at each threshold")
 
 
 def run_built(build_run: Callable[[], Stage2], args: argparse.Namespace, devices: Sequence[jax.Device],
@@ -488,9 +603,9 @@ def run_built(build_run: Callable[[], Stage2], args: argparse.Namespace, devices
     writer = jax.process_index() == 0  # on several hosts, one writes the outputs
     built = build_run()
     warmup_s = warm_up(built, args)
-    result = execute(built, writer)
+    result, ratios = execute(built, writer)
     if writer:
-        report(built, result, warmup_s, started, devices)
+        report(built, result, warmup_s, started, devices, ratios)
     return 0
 
 

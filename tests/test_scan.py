@@ -48,6 +48,16 @@ def params(seed: int = 3) -> dict[str, jax.Array]:
     return random_params(CFG, torch.float32, seed=seed)
 
 
+@functools.cache
+def compiled_forward(runner, depth: int = DEPTH) -> jax.stages.Compiled:
+    """The one-device forward at ``depth`` blocks (per-layer weights for the loop, stacked ones
+    for the scan), compiled once: several tests run it as their reference or read its program."""
+    cfg = dataclasses.replace(CFG, mm_double_blocks_depth=depth)
+    weights = random_params(cfg, torch.float32, seed=0)
+    weights = scan.stack_blocks(weights) if runner is scan.scanned_blocks else weights
+    return jax.jit(apply(runner, cfg=cfg)).lower(weights, **inputs()).compile()
+
+
 def assert_same(a, b) -> None:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -58,10 +68,9 @@ def assert_same(a, b) -> None:
 def test_scanned_forward_equals_the_loop():
     """Bit-identical, from stacked weights and from per-layer ones (stacked inside the trace)."""
     x = inputs()
-    expected = jax.jit(apply(loop_blocks))(params(), **x)
-    scanned = jax.jit(apply(scan.scanned_blocks))
-    assert_same(scanned(scan.stack_blocks(params()), **x), expected)
-    assert_same(scanned(params(), **x), expected)
+    expected = compiled_forward(loop_blocks)(params(), **x)
+    assert_same(compiled_forward(scan.scanned_blocks)(scan.stack_blocks(params()), **x), expected)
+    assert_same(jax.jit(apply(scan.scanned_blocks))(params(), **x), expected)
 
 
 @pytest.mark.parametrize("split", [1, DEPTH - 1])
@@ -69,10 +78,10 @@ def test_cache_steps_equal_the_loop(split):
     """The full step's velocity and saved streams, and the cached step from them, bit for bit."""
     x = inputs()
     loop, scanned, stacked = apply(loop_blocks), apply(scan.scanned_blocks), scan.stack_blocks(params())
-    full = jax.jit(lambda f, p: f(p, **x, split=split), static_argnums=0)
-    cached = jax.jit(lambda f, p, s: f(p, **{**x, "t": x["t"] * 0.5}, split=split, streams=s), static_argnums=0)
-    velocity, streams = full(loop, params())
-    assert_same(full(scanned, stacked), (velocity, streams))
+    full = jax.jit(lambda f, p: f(p, **x, save=(split,)), static_argnums=0)
+    cached = jax.jit(lambda f, p, s: f(p, **{**x, "t": x["t"] * 0.5}, start=split, streams=s), static_argnums=0)
+    velocity, [streams] = full(loop, params())
+    assert_same(full(scanned, stacked), (velocity, [streams]))
     assert_same(cached(scanned, stacked, streams), cached(loop, params(), streams))
 
 
@@ -87,7 +96,7 @@ def test_scan_on_a_mesh_equals_the_loop(strategy, mesh_spec):
         got = jax.jit(apply(scan.scanned_blocks, execution))(scan.stack_blocks(placed), **x)
     # the partitioner may order a sum differently in a loop body: float32 rounding, not bit-identity
     assert rel_l2(got, expected) <= 1e-6
-    assert rel_l2(got, jax.jit(apply(loop_blocks))(params(), **inputs())) <= 1e-5  # = the one-device forward
+    assert rel_l2(got, compiled_forward(loop_blocks)(params(), **inputs())) <= 1e-5  # = the one-device forward
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -135,38 +144,32 @@ def test_an_adapter_on_some_blocks_runs_them_one_by_one():
     spec = lora.LoRASpec(rank=4, targets=r"double_blocks\.1\.img_attn_q")
     adapter = {k: jnp.asarray(v.numpy()) + 0.01 for k, v in lora.init_adapter(meta_model(CFG), spec, seed=1).items()}
     x = inputs()
-    scanned = jax.jit(apply(scan.scanned_blocks, lora=spec))
-    text = scanned.lower({**scan.stack_blocks(params()), **adapter}, **x).compile().as_text()
-    assert not re.search(r"\swhile\(", text)
+    scanned = jax.jit(apply(scan.scanned_blocks, lora=spec)).lower({**scan.stack_blocks(params()), **adapter},
+                                                                  **x).compile()
+    assert not re.search(r"\swhile\(", scanned.as_text())
     assert_same(scanned({**scan.stack_blocks(params()), **adapter}, **x),
                 jax.jit(apply(loop_blocks, lora=spec))({**params(), **adapter}, **x))
 
 
 # ---- the program -----------------------------------------------------------------------------
 
-def _compiled_forward(runner, depth: int) -> str:
-    cfg = dataclasses.replace(CFG, mm_double_blocks_depth=depth)
-    weights = random_params(cfg, torch.float32, seed=0)
-    weights = scan.stack_blocks(weights) if runner is scan.scanned_blocks else weights
-    return jax.jit(apply(runner, cfg=cfg)).lower(weights, **inputs()).compile().as_text()
-
-
 def test_one_copy_of_the_block_in_the_program():
     """Unrolled, every further block adds its dots to the program; scanned, the program has one
     while loop holding one block's dots whatever the depth, run depth times."""
     dots = lambda text: len(re.findall(r"\sdot\(", text))  # noqa: E731
     loops = lambda text: len(re.findall(r"\swhile\(", text))  # noqa: E731
-    unrolled = {d: _compiled_forward(loop_blocks, d) for d in (2, 4)}
-    scanned = {d: _compiled_forward(scan.scanned_blocks, d) for d in (2, 4)}
-    per_block = (dots(unrolled[4]) - dots(unrolled[2])) // 2
-    assert per_block >= 12 and loops(unrolled[4]) == 0  # q, k, v, proj, fc1, fc2, modulation per stream
-    assert loops(scanned[2]) == loops(scanned[4]) == 1
+    low, high = DEPTH, DEPTH + 2  # the DEPTH programs are the other tests' references, compiled once
+    unrolled = {d: compiled_forward(loop_blocks, d).as_text() for d in (low, high)}
+    scanned = {d: compiled_forward(scan.scanned_blocks, d).as_text() for d in (low, high)}
+    per_block = (dots(unrolled[high]) - dots(unrolled[low])) // (high - low)
+    assert per_block >= 12 and loops(unrolled[high]) == 0  # q, k, v, proj, fc1, fc2, modulation per stream
+    assert loops(scanned[low]) == loops(scanned[high]) == 1
     # the one-block program, plus the last block's text-stream dots that the unrolled program
     # drops (the final layer reads the image stream only) and a loop body cannot
-    one_block = dots(unrolled[4]) - 3 * per_block
-    assert dots(scanned[2]) == dots(scanned[4]) and one_block <= dots(scanned[4]) < one_block + per_block // 2
-    assert hlo.dot_flops(scanned[4]) - hlo.dot_flops(scanned[2]) == pytest.approx(
-        hlo.dot_flops(unrolled[4]) - hlo.dot_flops(unrolled[2]), rel=1e-6)
+    one_block = dots(unrolled[high]) - (high - 1) * per_block
+    assert dots(scanned[low]) == dots(scanned[high]) and one_block <= dots(scanned[high]) < one_block + per_block // 2
+    assert hlo.dot_flops(scanned[high]) - hlo.dot_flops(scanned[low]) == pytest.approx(
+        hlo.dot_flops(unrolled[high]) - hlo.dot_flops(unrolled[low]), rel=1e-6)
 
 
 def test_loop_counts_in_the_hlo_reader():

@@ -82,12 +82,14 @@ def test_checkpoint_path_gives_the_preset_weights(demo, tmp_path):
 
 def test_help_is_grouped():
     out = stage2("--help").stdout
-    for group in ("input and output:", "model:", "video:", "sampling:", "feature cache (DeepCache):", "run:"):
+    for group in ("input and output:", "model:", "video:", "sampling:", "feature cache:", "run:"):
         assert group in out
     for flag in ("--input_dir", "--output_dir", "--video_length", "--num_inference_steps", "--guidance_scale",
                  "--seed", "--warmup_steps", "--model", "--dtype", "--aspect_ratio", "--height", "--width",
-                 "--checkpoint_every", "--resume", "--demo", "--enable_cache", "--cache_start_step",
-                 "--cache_end_step", "--cache_step_interval", "--cache_keep_blocks"):
+                 "--checkpoint_every", "--resume", "--demo", "--cache_type", "--enable_cache", "--cache_start_step",
+                 "--cache_end_step", "--cache_step_interval", "--cache_keep_blocks", "--taylor_max_order",
+                 "--taylor_low_freqs_order", "--taylor_high_freqs_order", "--magcache_calibration",
+                 "--magcache_threshold", "--magcache_max_skips", "--magcache_retention_ratio", "--magcache_calibrate"):
         assert flag in out
 
 
@@ -101,11 +103,11 @@ def _checkpoint_step(path: Path) -> int:
 
 def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
     # A bigger canvas than the demo's so that steps take long enough to kill the run part-way.
-    # With the cache, checkpoints land only before full steps, so a resumed run needs no cache
-    # (the same save and resume as without it; an in-process resume without the cache: the SR tests).
+    # Checkpoints land only before full steps, with the state TaylorCache carries past them (its
+    # derivatives): the resumed run must pick those up to end where the uninterrupted one does.
     common = ["--input_dir", demo, "--height", 192, "--width", 192, "--video_length", 17,
               "--num_inference_steps", 40, "--warmup_steps", 0,
-              "--enable_cache", "--cache_start_step", 2, "--cache_end_step", 38]
+              "--cache_type", "taylorcache", "--cache_start_step", 2, "--cache_end_step", 38]
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(cli_runner.command(SCRIPT, *common, "--output_dir", interrupted, "--checkpoint_every", 1),
@@ -141,9 +143,34 @@ def test_cache_run_reports_full_and_cached_steps(demo, tmp_path):
     assert re.search(r"25 full \(mean [\d.]+ s\), 25 cached \(mean [\d.]+ s\)", proc.stdout), proc.stdout
     record = json.loads((tmp_path / "config.json").read_text())["stage2"]
     assert (record["full_steps"], record["cached_steps"], record["cache_keep_blocks"]) == (25, 25, 1)
+    assert record["cache_type"] == "deepcache"  # the official --enable_cache
     assert 0 < record["mean_cached_step_s"] and 0 < record["mean_full_step_s"]
     out, reference = latents(tmp_path), latents(demo)
     assert np.isfinite(out).all() and 1e-4 < np.linalg.norm(out - reference) / np.linalg.norm(reference) < 0.5
+
+
+def test_magcache_calibrate_then_run(demo, tmp_path):
+    """--magcache_calibrate writes the ratios (and the uncached latents); a MagCache run reads them:
+    at threshold 0 it equals the uncached run, at a higher one it caches steps; another step count
+    or another shift is refused by name."""
+    steps = ["--num_inference_steps", 12]
+    calibration = tmp_path / "calibration.json"
+    proc = stage2("--input_dir", demo, "--output_dir", tmp_path / "full", *steps, "--magcache_calibrate", calibration)
+    assert "MagCache calibration ->" in proc.stdout and "PSNR" in proc.stdout
+    data = json.loads(calibration.read_text())
+    assert data["version"] == 1 and data["num_inference_steps"] == 12 and data["model"] == "tiny"
+    assert len(data["ratios"]) == 12 and data["ratios"][0] == 1.0 and len(set(data["ratios"])) > 2
+    magcache = ["--input_dir", demo, *steps, "--cache_type", "magcache", "--magcache_calibration", calibration]
+    stage2(*magcache, "--output_dir", tmp_path / "exact", "--magcache_threshold", 0)
+    assert np.array_equal(latents(tmp_path / "exact"), latents(tmp_path / "full"))
+    proc = stage2(*magcache, "--output_dir", tmp_path / "fast", "--magcache_threshold", 1.0)
+    record = json.loads((tmp_path / "fast" / "config.json").read_text())["stage2"]
+    assert record["cache_type"] == "magcache" and record["cached_steps"] > 0 and record["magcache_threshold"] == 1.0
+    for flags, message in ((["--num_inference_steps", 10], "holds 12 steps, the run has --num_inference_steps 10"),
+                           (["--flow_shift", 7], "calibrated with flow_shift=5.0, the run has 7.0")):
+        proc = stage2(*magcache, "--output_dir", tmp_path / "bad", *flags, check=False)
+        assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_splash_run_with_profiler_trace(demo, tmp_path):
@@ -232,6 +259,17 @@ BAD_INPUTS = {
     "cache end": (lambda f: None, ["--enable_cache", "--num_inference_steps", 30],
                   r"--cache_end_step 45 is past the last step \(--num_inference_steps 30\)"),
     "cache blocks": (lambda f: None, ["--enable_cache", "--cache_keep_blocks", 3], "--cache_keep_blocks 3 must be between 1"),
+    "cache on and off": (lambda f: None, ["--enable_cache", "--cache_type", "none"],
+                         "--enable_cache turns a cache on and --cache_type none turns it off"),
+    "magcache without file": (lambda f: None, ["--cache_type", "magcache"], "needs --magcache_calibration FILE"),
+    "missing calibration": (lambda f: None, ["--cache_type", "magcache", "--magcache_calibration", "/no.json"],
+                            "/no.json: no such MagCache calibration file"),
+    "calibrate with a cache": (lambda f: None, ["--cache_type", "teacache", "--magcache_calibrate", "c.json"],
+                               "--magcache_calibrate runs every step in full: drop --cache_type teacache"),
+    "taylor too early": (lambda f: None, ["--cache_type", "taylorcache", "--cache_start_step", 0],
+                         "--cache_start_step 0: TaylorCache needs two full steps"),
+    "config cache type": (lambda f: _set_config(f, cache_type="fastcache"), [],
+                          "cache_type 'fastcache' is not one of none, deepcache"),
     "zero shift": (lambda f: None, ["--flow_shift", 0], r"--flow_shift 0.0 must be > 0"),
     "nan shift": (lambda f: None, ["--flow_shift", "nan"], "argument --flow_shift: 'nan' is not a finite number"),
     "inf guidance": (lambda f: None, ["--guidance_scale", "inf"], "argument --guidance_scale: 'inf' is not a finite"),
