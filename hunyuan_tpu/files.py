@@ -7,9 +7,11 @@ so a crash or a kill never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,15 +44,61 @@ class InputError(ValueError):
         return self.render(lambda name: name)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+# every temporary name this package writes: ".<final name>.tmp<pid>[suffix]"
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries (files or folders) that a killed run left in ``folder``: those whose
+    process is gone. Returns what was removed."""
+    removed = []
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        match = _TEMPORARY.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path) -> Iterator[Path]:
+    """``folder`` (made if missing) held against other runs of this package for the block: a
+    second run into it is refused. The lock is the kernel's (``flock``
+    on the folder itself): a killed run holds none. Temporaries of killed runs are removed first;
+    a folder the block made and left empty (it failed before writing) is removed at the end."""
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{folder}: another run is writing into this folder; wait for it to end or give "
+                             "another output folder") from None
+        remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        os.close(fd)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` for a writer that takes a file name (video, image);
-    renamed to ``path`` when the block succeeds, removed when it fails. The temporary name
-    keeps the suffix, so that writers that pick the format from it still do."""
+    """A temporary path beside ``path``, renamed to ``path`` when the block succeeds and removed
+    when it fails (an interrupt included). The temporary name keeps the suffix, so that writers
+    that pick the format from it still do."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -61,10 +109,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -86,12 +132,12 @@ def _umask() -> int:
     return mask
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files owner-only; give them the usual mode
-    os.replace(tmp, path)
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                     ) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files owner-only; give them the usual mode
 
 
 def read_safetensors(

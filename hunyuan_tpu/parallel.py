@@ -156,6 +156,35 @@ def check_fit(
             raise InputError(f"strategy {strategy.name} on this mesh: parameter {name} {tuple(shape)}: {problem}")
 
 
+def device_memory(device: jax.Device) -> int:
+    """Bytes one device can hold: the accelerator's limit, or this host's memory for a CPU device."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config: DiTConfig, placement: Placement, latent_shape: tuple[int, int, int], batch: int,
+                 dtype_bytes: int, device: jax.Device) -> None:
+    """Refuse, before anything is compiled, a step that cannot fit on ``device``: its share of the
+    weights plus a lower bound on the activations (the image stream in and out of a block and one
+    projection of it) against the device's memory. What XLA allocates is more, never less."""
+    weights = sum(dtype_bytes * math.prod(placement.params[k].shard_shape(s) if k in placement.params else s)
+                  for k, s in param_shapes(config).items())
+    tokens = math.prod(n // p for n, p in zip(latent_shape, config.patch_size))
+    sizes = placement.sizes or {}
+    token_split = math.prod(sizes.get(a, 1) for a in (placement.strategy.token_axes if placement.strategy else ()))
+    per_device = -(-tokens // token_split) * -(-batch // sizes.get("dp", 1))
+    activations = 3 * per_device * config.hidden_size * dtype_bytes
+    limit = device_memory(device)
+    if weights + activations > limit:
+        raise InputError(
+            f"the step needs at least {(weights + activations) / 1e9:,.1f} GB per device ({weights / 1e9:,.1f} GB of "
+            f"weights, {activations / 1e9:,.1f} GB of activations for {tokens:,} video tokens), the device has "
+            f"{limit / 1e9:,.1f} GB: use a shorter {{video_length}} or a smaller canvas, a {{sharding}} that splits "
+            f"the tokens (sp), or more devices")
+
+
 def param_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, from a model on the meta device (no memory)."""
     return {name: tuple(t.shape) for name, t in meta_model(config).state_dict().items()}

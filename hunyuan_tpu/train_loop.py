@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +35,7 @@ from .attention import Kernel, xla_attention
 from .checkpoint import save_transformer
 from .config import DiTConfig
 from .dataset import DataOrder, TrainingData
-from .files import InputError, atomic_path, read_safetensors, save_safetensors, write_json
+from .files import InputError, atomic_path, locked_folder, read_safetensors, save_safetensors, write_json
 from .handoff import TEXT_KEYS
 from .model import HunyuanVideo15DiT
 from .objective import Objective
@@ -317,23 +318,26 @@ def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] =
     writer = jax.process_index() == 0
     run = _build(s, config, log)
     _resume(s, run, log)
-    _start_metrics(out, run, writer)
-    empty = run.data.empty_prompt()
-    empty = jax.device_put(empty, s.placement.replicated) if empty is not None and s.objective.text_dropout > 0 else None
-    first = run.step
-    batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
-    compile_begin = time.perf_counter()
-    run.trainer.compile(run.state, run.frozen, batch, empty)
-    compile_s = time.perf_counter() - compile_begin
-    seconds = _loop(s, config, run, batch, empty, writer)
-    final = out / "final"
-    if writer:
-        final = _write_final(s, config, {k: ckpt.host_array(v) for k, v in run.state.trainable.items()}, final)
-    summary = Summary(
-        steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
-        compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
-        total_s=time.perf_counter() - started, final=final,
-    )
-    if writer:
-        write_json(out / "run.json", _run_record(s, summary))
+    # from here on the run writes into its folder: another run there is refused, a killed one's temporaries go
+    with locked_folder(out) if writer else contextlib.nullcontext():
+        _start_metrics(out, run, writer)
+        empty = run.data.empty_prompt()
+        if empty is not None:
+            empty = jax.device_put(empty, s.placement.replicated) if s.objective.text_dropout > 0 else None
+        first = run.step
+        batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
+        compile_begin = time.perf_counter()
+        run.trainer.compile(run.state, run.frozen, batch, empty)
+        compile_s = time.perf_counter() - compile_begin
+        seconds = _loop(s, config, run, batch, empty, writer)
+        final = out / "final"
+        if writer:
+            final = _write_final(s, config, {k: ckpt.host_array(v) for k, v in run.state.trainable.items()}, final)
+        summary = Summary(
+            steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
+            compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
+            total_s=time.perf_counter() - started, final=final,
+        )
+        if writer:
+            write_json(out / "run.json", _run_record(s, summary))
     return summary

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from jax.experimental import multihost_utils
 
-from .files import InputError, read_json, read_safetensors, save_safetensors, write_json
+from .files import InputError, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -82,11 +82,15 @@ def save(
     tmp = folder / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_trainable(tmp / TRAINABLE, trainable_host)
-    save_safetensors(optimizer_host, tmp / OPTIMIZER)
-    write_json(tmp / STATE, dataclasses.asdict(position))
-    shutil.rmtree(final, ignore_errors=True)  # a step redone after a resume replaces its old copy
-    os.replace(tmp, final)
+    remove_stale_temporaries(folder)  # what a killed run left half-written
+    try:
+        write_trainable(tmp / TRAINABLE, trainable_host)
+        save_safetensors(optimizer_host, tmp / OPTIMIZER)
+        write_json(tmp / STATE, dataclasses.asdict(position))
+        shutil.rmtree(final, ignore_errors=True)  # a step redone after a resume replaces its old copy
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     write_json(folder / LATEST, {"checkpoint": name, "step": position.step})
     for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

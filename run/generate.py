@@ -29,7 +29,8 @@ import stage2_sr
 import stage2_transformer as stage2
 import stage3_vae_decoder as stage3
 from hunyuan_tpu import handoff
-from hunyuan_tpu.files import InputError, read_json
+from hunyuan_tpu.vae import vae_config_latent_channels
+from hunyuan_tpu.files import InputError, locked_folder, read_json, remove_stale_temporaries
 from stage_cli import Parser, add_vae_group, add_video_group, parse_joining, run_main
 
 
@@ -83,13 +84,29 @@ def stage_args(stage_parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return own
 
 
+def check_stages(args: argparse.Namespace, folder: str) -> None:
+    """Every stage's settings, checked before stage 1 writes anything: a bad stage-2 or stage-3
+    flag is refused at once, not after the stages before it ran. (The SR stage's depend on
+    stage 2's output; they are checked when it starts.)"""
+    s1, _ = stage1.resolve_settings(stage_args(stage1.build_parser(), args, output_dir=folder))
+    handed = stage1.handoff_settings(s1, args.vae)
+    stage2.resolve_settings(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder), handed,
+                            "the command line")
+    three = stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder)
+    stage3.resolve_settings(three, {**handed, "stage2": {}}, "the command line")
+    if three.vae:  # its config only: the weights load when stage 3 starts
+        vae_config_latent_channels(three.vae)
+
+
 def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
     started = time.perf_counter()
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+    check_stages(args, str(out_dir))
     work = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     work.mkdir(parents=True)
+    remove_stale_temporaries(out_dir.parent)  # work folders of killed runs
     try:
         folder = str(work)
         stage1.run(stage_args(stage1.build_parser(), args, output_dir=folder))
@@ -97,12 +114,12 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
         if args.sr:
             stage2_sr.run(sr_args(args, folder), devices)
         stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder), devices)
-        out_dir.mkdir(parents=True, exist_ok=True)
         names = [handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME]
         if args.sr:
             names.append(handoff.SR_LATENTS_NAME)
-        for name in (*names, handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
-            os.replace(work / name, out_dir / name)
+        with locked_folder(out_dir):
+            for name in (*names, handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
+                os.replace(work / name, out_dir / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = read_json(out_dir / handoff.CONFIG_NAME)

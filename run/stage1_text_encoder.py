@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import torch
@@ -27,7 +27,7 @@ from hunyuan_tpu import handoff
 from hunyuan_tpu import image_condition as ic
 from hunyuan_tpu import text_encoding as te
 from hunyuan_tpu.config import DiTConfig
-from hunyuan_tpu.files import InputError
+from hunyuan_tpu.files import InputError, locked_folder
 from hunyuan_tpu.pipeline import bucket_size, latent_shape
 from hunyuan_tpu.super_resolution import hr_bucket, sr_version
 from hunyuan_tpu.vae import encode_image, load_vae, tiny_vae, vae_config_latent_channels
@@ -189,6 +189,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
     return settings, image
 
 
+def handoff_settings(s: Settings, vae: str | None) -> dict[str, Any]:
+    """The run's settings as config.json hands them to the later stages."""
+    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "task": s.task, **s.canvas, "model": s.model,
+            "sr": bool(s.sr_resolution), "vae": vae, "vae_dtype": str(s.vae_dtype).removeprefix("torch.")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoders:
     llm: te.Encoder
@@ -288,20 +294,17 @@ def run(args: argparse.Namespace) -> int:
     encode_begin = time.perf_counter()
     tensors, counts = encode(s, encoders, image)
     encode_s = time.perf_counter() - encode_begin
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    handoff.write_embeddings(s.out_dir, {k: v.contiguous() for k, v in tensors.items()})
-    total_s = time.perf_counter() - started
-    record = {
-        "text_encoder": encoders.llm.source, "byt5": encoders.byt5.source,
-        "vision_encoder": encoders.vision.source if encoders.vision else None,
-        **{flag: str(dtype).removeprefix("torch.") for flag, dtype in s.encoder_dtypes.items()},
-        "encoder_backend": s.backend, **counts,
-        "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
-    }
-    handoff.write_config(s.out_dir, {
-        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "task": s.task, **s.canvas, "model": s.model,
-        "sr": bool(s.sr_resolution),
-        "vae": args.vae, "vae_dtype": str(s.vae_dtype).removeprefix("torch."), "stage1": record})
+    with locked_folder(s.out_dir):  # another run writing here is refused; a killed run's temporaries go
+        handoff.write_embeddings(s.out_dir, {k: v.contiguous() for k, v in tensors.items()})
+        total_s = time.perf_counter() - started
+        record = {
+            "text_encoder": encoders.llm.source, "byt5": encoders.byt5.source,
+            "vision_encoder": encoders.vision.source if encoders.vision else None,
+            **{flag: str(dtype).removeprefix("torch.") for flag, dtype in s.encoder_dtypes.items()},
+            "encoder_backend": s.backend, **counts,
+            "load_s": round(load_s, 3), "encode_s": round(encode_s, 3), "total_s": round(total_s, 3),
+        }
+        handoff.write_config(s.out_dir, {**handoff_settings(s, args.vae), "stage1": record})
     print(f"stage 1: {s.task}, {record['prompt_tokens']} prompt tokens, {len(record['glyph_texts'])} quoted text(s) | "
           f"load {load_s:.2f} s, encode {encode_s:.2f} s | total {total_s:.2f} s -> {s.out_dir / handoff.EMBEDDINGS_NAME}")
     return 0

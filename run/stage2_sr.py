@@ -19,6 +19,7 @@ config.json, else the SR model's defaults (official SR_PIPELINE_CONFIGS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -230,7 +231,7 @@ def fingerprint(settings: Settings, in_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device]) -> stage2.Stage2:
+def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device], hold: contextlib.ExitStack) -> stage2.Stage2:
     """Resolve the settings, upsample and noise the LR latents, place the SR DiT, compile its step."""
     in_dir = Path(args.input_dir)
     out_dir = Path(args.output_dir or args.input_dir)
@@ -247,6 +248,8 @@ def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device]) -> stage2.
     kernel, sparse_kernel = stage2.kernels(s)
     if args.profiler_steps < 1:
         raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+    parallel.check_memory(config, placement, s.latent_shape, 2 if s.sampling.cfg else 1,
+                          DTYPES[s.dtype].itemsize, (devices or jax.devices())[0])
     params = stage2.weights(s.model, s.dtype, config, placement)
     begin = time.perf_counter()
     lq = prepare_lq(lr, s.latent_shape, lambda x: upsample(upsampler, x), s.lq_noise_seed)
@@ -256,7 +259,7 @@ def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device]) -> stage2.
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     cache = MagCacheCalibration() if calibrate else s.cache(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stage2.claim_output(out_dir, hold)
     run_id = fingerprint(s, in_dir)
     latents, start_step, state = stage2.start(s, out_dir / stage2.checkpoint_name(KEY), run_id, args.resume)
     params = stack_blocks(params, donate=True)
@@ -272,7 +275,7 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
     """The SR stage on ``devices`` (default: all)."""
     started = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
-    return stage2.run_built(lambda: build_sr(args, devices), args, devices, started)
+    return stage2.run_built(lambda hold: build_sr(args, devices, hold), args, devices, started)
 
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:

@@ -10,7 +10,9 @@ by stage 1 or --demo), else the built-in default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -28,7 +30,7 @@ from hunyuan_tpu.cache import (
     read_calibration, write_calibration,
 )
 from hunyuan_tpu.config import DiTConfig
-from hunyuan_tpu.files import InputError, read_safetensors, save_safetensors
+from hunyuan_tpu.files import InputError, locked_folder, read_safetensors, save_safetensors
 from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
 from hunyuan_tpu.params import model_params
 from hunyuan_tpu.pipeline import (
@@ -373,14 +375,21 @@ def settle_cache_type(s: dict, source: str) -> None:
         raise InputError(f"{source}: cache_type {s['cache_type']!r} is not one of {', '.join(CACHE_TYPES)}")
 
 
-def write_demo_inputs(folder: Path) -> None:
+def demo_config(folder: Path) -> dict:
+    """The config.json ``--demo`` writes into ``folder`` (over an earlier demo's, never over real
+    stage-1 outputs)."""
     config_path = folder / handoff.CONFIG_NAME
-    if config_path.exists() and not handoff.read_config(folder).get("stage1", {}).get("demo"):
+    earlier = handoff.read_config(folder) if config_path.exists() else {}
+    if earlier and not earlier.get("stage1", {}).get("demo"):
         raise InputError(f"{config_path}: holds real stage-1 outputs; give --demo another --output_dir")
-    folder.mkdir(parents=True, exist_ok=True)
+    return {**earlier, **DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}}
+
+
+def write_demo_inputs(folder: Path) -> None:
+    """The demo's stage-1 outputs: written only once every setting of the run is checked."""
     shape = latent_shape(DEMO_CONFIG["video_length"], DEMO_CONFIG["height"], DEMO_CONFIG["width"])
     handoff.write_embeddings(folder, stage1_embeddings(DiTConfig.preset("tiny"), latent_hw=shape[1:], seed=0))
-    handoff.update_config(folder, {**DEMO_CONFIG, "stage1": {"demo": True, "seed": 0}})
+    handoff.write_config(folder, demo_config(folder))
 
 
 def fingerprint(settings: Settings, embeddings_file: Path) -> str:
@@ -468,17 +477,26 @@ def calibrating(args: argparse.Namespace, s: DenoiseSettings) -> Path | None:
     return Path(args.magcache_calibrate)
 
 
-def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> Stage2:
-    """Resolve the settings, place the weights and compile the step(s)."""
+def claim_output(folder: Path, hold: contextlib.ExitStack) -> None:
+    """Make the output folder and hold it for the rest of the run (``hold``): another run into it
+    is refused, and what a killed run left there is removed. Only the writing process does so."""
+    if jax.process_index() == 0:
+        hold.enter_context(locked_folder(folder))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None, hold: contextlib.ExitStack) -> Stage2:
+    """Resolve the settings, place the weights and compile the step(s); the output folder is
+    held until ``hold`` closes."""
     out_dir = Path(args.output_dir or args.input_dir)
-    if args.demo:
-        write_demo_inputs(out_dir)
     in_dir = out_dir if args.demo else Path(args.input_dir)
-    stage_config = handoff.read_config(in_dir)
+    stage_config = demo_config(out_dir) if args.demo else handoff.read_config(in_dir)
     s, config = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
     calibrate = calibrating(args, s)
-    embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:])
-    conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg, model=config)
+    read_embeddings = functools.partial(handoff.read_embeddings, in_dir, task=s.task, model=config,
+                                        latent_hw=s.latent_shape[1:])
+    embeddings = None if args.demo else read_embeddings()
     placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1,
                                    devices=devices)
     s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
@@ -486,12 +504,18 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None)
     kernel, sparse_kernel = kernels(s)
     if args.profiler_steps < 1:
         raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+    parallel.check_memory(config, placement, s.latent_shape, 2 if s.sampling.cfg else 1,
+                          DTYPES[s.dtype].itemsize, (devices or jax.devices())[0])
     params = weights(s.model, s.dtype, config, placement, s.lora, s.lora_scale)
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     cache = MagCacheCalibration() if calibrate else s.cache(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output(out_dir, hold)
+    if args.demo:  # every setting is checked by now: a refused run leaves no demo inputs behind
+        write_demo_inputs(out_dir)
+        embeddings = read_embeddings()
+    conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg, model=config)
     run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
     latents, start_step, state = start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
     # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
@@ -555,8 +579,6 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
     if not np.isfinite(result.latents).all():
         causes = "{guidance_scale}, {flow_shift}, or {lora_scale} and the LoRA" if run.key == "stage2" else \
             "{guidance_scale} or {flow_shift}"
-        if not any(run.out_dir.iterdir()):  # the run made the folder: it leaves none
-            run.out_dir.rmdir()
         raise InputError(f"the denoised latents hold NaN or inf: nothing written to {run.out_dir} (likely cause: "
                          + causes + ")")
     handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
@@ -597,15 +619,16 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
               "its decoded video with this run's (PSNR, SSIM, LPIPS; VBench on several prompts) at each threshold")
 
 
-def run_built(build_run: Callable[[], Stage2], args: argparse.Namespace, devices: Sequence[jax.Device],
-              started: float) -> int:
+def run_built(build_run: Callable[[contextlib.ExitStack], Stage2], args: argparse.Namespace,
+              devices: Sequence[jax.Device], started: float) -> int:
     """Build, warm up, denoise, report: stage 2 and the SR stage alike."""
     writer = jax.process_index() == 0  # on several hosts, one writes the outputs
-    built = build_run()
-    warmup_s = warm_up(built, args)
-    result, ratios = execute(built, writer)
-    if writer:
-        report(built, result, warmup_s, started, devices, ratios)
+    with contextlib.ExitStack() as hold:
+        built = build_run(hold)
+        warmup_s = warm_up(built, args)
+        result, ratios = execute(built, writer)
+        if writer:
+            report(built, result, warmup_s, started, devices, ratios)
     return 0
 
 
@@ -613,7 +636,7 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
     """Stage 2 on ``devices`` (default: all)."""
     started = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
-    return run_built(lambda: build(args, devices), args, devices, started)
+    return run_built(lambda hold: build(args, devices, hold), args, devices, started)
 
 
 def main(argv: list[str] | None = None, *, devices: Sequence[jax.Device] | None = None) -> int:

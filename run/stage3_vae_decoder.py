@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 
 from hunyuan_tpu import handoff
-from hunyuan_tpu.files import InputError
+from hunyuan_tpu.files import InputError, locked_folder
 from hunyuan_tpu.vae import BACKENDS, Tiling, decode, load_vae, tiny_vae, to_frames
 from hunyuan_tpu.video import FPS, write_mp4, write_png
 from stage_cli import Parser, add_vae_group, dtype_of, finite_float, resolve, run_main
@@ -149,21 +149,21 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
     frames = to_frames(decode(vae, latents, backend=s.backend, tiling=tiling, devices=devices))
     decode_s = time.perf_counter() - decode_begin
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_begin = time.perf_counter()
-    write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s.fps)
-    write_png(out_dir / handoff.FIRST_FRAME_NAME, frames[0])
-    write_s = time.perf_counter() - write_begin
-    total_s = time.perf_counter() - started
-    record = {
-        **dataclasses.asdict(s), "vae": vae.source, "latents": latents_file,
-        "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
-        "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-        "load_s": round(load_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
-        "total_s": round(total_s, 3), "device": devices[0].device_kind if s.backend == "jax" else "cpu",
-        "device_count": device_count,
-    }
-    handoff.update_config(out_dir, {**stage_config, "stage3": record})
+    with locked_folder(out_dir):  # another run writing here is refused; a killed run's temporaries go
+        write_begin = time.perf_counter()
+        write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s.fps)
+        write_png(out_dir / handoff.FIRST_FRAME_NAME, frames[0])
+        write_s = time.perf_counter() - write_begin
+        total_s = time.perf_counter() - started
+        record = {
+            **dataclasses.asdict(s), "vae": vae.source, "latents": latents_file,
+            "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
+            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "load_s": round(load_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
+            "total_s": round(total_s, 3), "device": devices[0].device_kind if s.backend == "jax" else "cpu",
+            "device_count": device_count,
+        }
+        handoff.update_config(out_dir, {**stage_config, "stage3": record})
     print(f"stage 3: {latents_file} -> {record['frames']} frames of {record['width']}x{record['height']} "
           f"({s.backend}) on {device_count} device{'s' if device_count > 1 else ''} | "
           f"load {load_s:.2f} s, decode {decode_s:.2f} s, write {write_s:.2f} s | total {total_s:.2f} s "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,6 @@ from hunyuan_tpu.pipeline import RESOLUTION_BASE
 
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 1  # the file system refused (read-only, full, a file where a folder goes)
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -92,12 +92,23 @@ def parse_joining(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
     return args
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the same cleanup on the way out."""
+
+    signum = signal.SIGTERM
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped()
+
+
 def run_main(body: Callable[[], int]) -> int:
     """Run a command's body in this process and return its exit code: bad input (a library
     error, whose settings are shown as flags, or a bad flag) ends in one line on stderr and 2;
     the file system refusing (a path that is a file, no space, no permission) in one line and 1;
-    Ctrl-C in one line and 130. Outputs are written under temporary names and renamed when
-    complete, so none of these leaves a half-written one."""
+    Ctrl-C or SIGTERM in one line and 128 + the signal. Outputs are written under temporary names,
+    renamed when complete and removed on the way out, so none of these leaves a half-written one."""
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return body()
     except InputError as e:
@@ -109,10 +120,12 @@ def run_main(body: Callable[[], int]) -> int:
         where = f"{e.filename}: " if e.filename else ""
         sys.stderr.write(f"error: {where}{e.strerror or e}\n")
         return EXIT_ENVIRONMENT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sys.stderr.write("interrupted: no output of this run was written; a stage run with --checkpoint_every "
                          "continues with --resume\n")
-        return EXIT_INTERRUPTED
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def model_config(name: str) -> DiTConfig:

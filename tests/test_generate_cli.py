@@ -165,11 +165,29 @@ def test_stage1_unreadable_image(tmp_path):
          "--image .*bad.jpg: cannot read the image", tmp_path / "out")
 
 
-def test_generate_bad_input_found_late_leaves_nothing(tmp_path):
-    # stage 2 rejects the step count after stage 1 has run: its files must not appear either
-    _bad("generate.py", ["--prompt", "x", "--num_inference_steps", 0, "--output_dir", tmp_path / "out"],
-         "--num_inference_steps must be >= 1", tmp_path / "out", single_line=False)
+@pytest.mark.parametrize("flags,message", [
+    (["--num_inference_steps", 0], "--num_inference_steps must be >= 1"),
+    (["--cache_type", "magcache"], "--cache_type magcache needs --magcache_calibration"),
+    (["--tile_size", 100], "--tile_size 100 must be a positive multiple of 16"),
+    (["--vae", "/nonexistent"], "--vae /nonexistent: no such folder"),
+])
+def test_generate_checks_every_stage_before_running_any(flags, message, tmp_path):
+    """A bad flag of stage 2 or 3 is refused before stage 1 runs: one line, nothing written."""
+    _bad("generate.py", ["--prompt", "x", "--output_dir", tmp_path / "out", *flags], message, tmp_path / "out")
     _bad("generate.py", ["--output_dir", tmp_path / "out"], "--prompt is missing", tmp_path / "out")
+
+
+def test_stage3_full_disk_leaves_no_video(default_run, tmp_path):
+    """A file-size limit (as a full disk does) makes the video writer fail: ffmpeg's failure is
+    caught by reading the file back, so the run exits 1 with one line and no video.mp4."""
+    out = tmp_path / "out"
+    command = cli_runner.command("stage3_vae_decoder.py", "--input_dir", default_run[0], "--output_dir", out)
+    # files of at most 8 KiB (bash's ulimit -f counts KiB), for this process and its ffmpeg
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *command], capture_output=True,
+                          text=True, timeout=300, env=cli_runner.environment())
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r"^error: .*video.mp4: the video writer wrote \d+ of 49 frames", proc.stderr.splitlines()[-1])
+    assert not out.exists()
 
 
 def test_stage3_bad_input(default_run, tmp_path):

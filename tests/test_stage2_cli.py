@@ -20,6 +20,7 @@ import cli_runner
 from hunyuan_tpu.checkpoint import save_transformer
 from hunyuan_tpu.lora import LoRASpec, init_adapter, save_adapter
 from hunyuan_tpu.config import DiTConfig
+from hunyuan_tpu.files import locked_folder
 from hunyuan_tpu.model import HunyuanVideo15DiT
 from hunyuan_tpu.random_init import randomize_like_trained_
 
@@ -101,8 +102,16 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
-def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
-    # A bigger canvas than the demo's so that steps take long enough to kill the run part-way.
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stop_and_resume_matches_uninterrupted(demo, tmp_path):
+    # A bigger canvas than the demo's so that steps take long enough to stop the run part-way.
+    # SIGTERM: one line, exit 143, no temporaries, the checkpoint kept. A SIGKILL's leftovers
+    # (temporaries of a dead process) go when the next run starts in the folder.
     # Checkpoints land only before full steps, with the state TaylorCache carries past them (its
     # derivatives): the resumed run must pick those up to end where the uninterrupted one does.
     common = ["--input_dir", demo, "--height", 192, "--width", 192, "--video_length", 17,
@@ -111,20 +120,46 @@ def test_kill_and_resume_matches_uninterrupted(demo, tmp_path):
     stage2(*common, "--output_dir", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(cli_runner.command(SCRIPT, *common, "--output_dir", interrupted, "--checkpoint_every", 1),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_runner.environment())
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_runner.environment())
     checkpoint = interrupted / "stage2_checkpoint.safetensors"
     deadline = time.time() + 120
     while _checkpoint_step(checkpoint) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _checkpoint_step(checkpoint)
-    assert 3 <= killed_at < 40 and not (interrupted / "latents.safetensors").exists(), "the run was not killed part-way"
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: ") and "--resume" in stderr
+    stopped_at = _checkpoint_step(checkpoint)
+    assert 3 <= stopped_at < 40 and not (interrupted / "latents.safetensors").exists(), "not stopped part-way"
+    assert not [p for p in interrupted.iterdir() if ".tmp" in p.name]
+    stale = [interrupted / f".latents.safetensors.tmp{_dead_pid()}", interrupted / f".config.tmp{_dead_pid()}.json"]
+    for path in stale:
+        path.write_bytes(b"half-written by a killed run")
     resumed = stage2(*common, "--output_dir", interrupted, "--checkpoint_every", 1, "--resume")
     assert "resuming at step" in resumed.stderr
     assert np.array_equal(latents(interrupted), latents(tmp_path / "straight"))
-    assert not checkpoint.exists()
-    assert json.loads((interrupted / "config.json").read_text())["stage2"]["resumed_from_step"] >= killed_at
+    assert not checkpoint.exists() and not any(path.exists() for path in stale)
+    assert json.loads((interrupted / "config.json").read_text())["stage2"]["resumed_from_step"] >= stopped_at
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(demo, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(demo, folder)
+    before = (folder / "latents.safetensors").read_bytes()
+    with locked_folder(folder):  # another run holds it (flock: a second descriptor conflicts, even in-process)
+        proc = stage2("--input_dir", folder, "--num_inference_steps", 2, check=False)
+    assert proc.returncode == 2 and "another run is writing into this folder" in proc.stderr.strip().splitlines()[-1]
+    assert (folder / "latents.safetensors").read_bytes() == before
+    stage2("--input_dir", folder, "--num_inference_steps", 2)  # free again
+
+
+def test_demo_refused_leaves_no_inputs(tmp_path):
+    """--demo writes its inputs only once every setting is checked."""
+    for flags in (["--num_inference_steps", 0], ["--mesh", "tp=3"], ["--cache_type", "taylorcache",
+                                                                      "--cache_start_step", 0]):
+        proc = stage2("--demo", "--output_dir", tmp_path / "new", *flags, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+        assert not (tmp_path / "new").exists(), flags
 
 
 def test_sharded_run_matches_one_device(demo, tmp_path):
@@ -270,6 +305,8 @@ BAD_INPUTS = {
                          "--cache_start_step 0: TaylorCache needs two full steps"),
     "config cache type": (lambda f: _set_config(f, cache_type="fastcache"), [],
                           "cache_type 'fastcache' is not one of none, deepcache"),
+    "does not fit": (lambda f: None, ["--height", 16000, "--width", 16000, "--video_length", 1001],
+                     r"the step needs at least [\d,.]+ GB per device .* use a shorter --video_length"),
     "zero shift": (lambda f: None, ["--flow_shift", 0], r"--flow_shift 0.0 must be > 0"),
     "nan shift": (lambda f: None, ["--flow_shift", "nan"], "argument --flow_shift: 'nan' is not a finite number"),
     "inf guidance": (lambda f: None, ["--guidance_scale", "inf"], "argument --guidance_scale: 'inf' is not a finite"),
