@@ -41,8 +41,8 @@ from hunyuan_tpu.runtime import jax_dtype, to_host_array, to_torch
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import (
-    DTYPES, Parser, add_model_flag, add_video_group, check_seed, dtype_of, finite_float, model_config, parse_joining,
-    resolve, run_main,
+    DTYPES, Parser, add_model_flag, add_video_group, check_seed, dtype_of, finite_float, model_config, named_by_source,
+    parse_joining, resolve, run_main,
 )
 
 
@@ -327,8 +327,16 @@ class Settings(DenoiseSettings):
 
 
 def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) -> tuple[Settings, DiTConfig]:
-    """The run's settings and model configuration, each value checked."""
-    s = resolve(args, stage_config, GENERAL_DEFAULTS, source)
+    """The run's settings and model configuration, each value checked; a bad value is named as
+    its flag, or as its config.json key when it came from there."""
+    from_config: set[str] = set()
+    with named_by_source(from_config, source):
+        return _resolve_settings(args, stage_config, source, from_config)
+
+
+def _resolve_settings(args: argparse.Namespace, stage_config: dict, source: str, from_config: set[str]
+                      ) -> tuple[Settings, DiTConfig]:
+    s = resolve(args, stage_config, GENERAL_DEFAULTS, source, from_config)
     dtype_of("dtype", s["dtype"])
     if s["task"] not in handoff.TASKS:
         raise InputError(f"{source}: task {s['task']!r} is not one of {', '.join(handoff.TASKS)}")
@@ -342,15 +350,15 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
         "num_inference_steps": (int, defaults.num_inference_steps),
         "guidance_scale": (float, defaults.guidance_scale),
         "flow_shift": (float, defaults.flow_shift),
-    }, source))
+    }, source, from_config))
     attention.check_splash_blocks(s["splash_block_q"], s["splash_block_kv"], s["splash_block_kv_compute"])
     if s["num_inference_steps"] < 1:
-        raise InputError(f"--num_inference_steps must be >= 1, got {s['num_inference_steps']}")
+        raise InputError(f"{{num_inference_steps}} must be >= 1, got {s['num_inference_steps']}")
     for key in ("warmup_steps", "checkpoint_every"):
         if s[key] < 0:
-            raise InputError(f"--{key} must be >= 0, got {s[key]}")
+            raise InputError(f"{{{key}}} must be >= 0, got {s[key]}")
     if s["flow_shift"] <= 0:
-        raise InputError(f"--flow_shift {s['flow_shift']} must be > 0 (the official shifts are 2 to 9)")
+        raise InputError(f"{{flow_shift}} {s['flow_shift']} must be > 0 (the official shifts are 2 to 9)")
     check_seed("seed", s["seed"])
     s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
     bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])

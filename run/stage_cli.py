@@ -4,11 +4,12 @@ flags that more than one stage takes (defined once, so that generate.py's union 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,10 +57,12 @@ def _from_config(value: Any, kind: type) -> Any:
 
 
 def resolve(
-    args: argparse.Namespace, config: dict[str, Any], defaults: dict[str, tuple[type, Any]], source: str
+    args: argparse.Namespace, config: dict[str, Any], defaults: dict[str, tuple[type, Any]], source: str,
+    from_config: set[str] | None = None,
 ) -> dict[str, Any]:
     """Each setting from the command line if given, else from the stage config.json (``source``),
-    else its default. ``defaults`` maps a setting to (type, default value)."""
+    else its default. ``defaults`` maps a setting to (type, default value); ``from_config``
+    collects the names of the settings config.json gave."""
     out = {}
     for key, (kind, default) in defaults.items():
         value = getattr(args, key, None)  # settings without a flag (task) come from the config
@@ -69,8 +72,20 @@ def resolve(
             except (TypeError, ValueError, OverflowError):
                 allowed = {int: "an integer", float: "a finite number"}.get(kind, f"a {kind.__name__}")
                 raise InputError(f"{source}: {key}={config[key]!r} is not {allowed}") from None
+            if from_config is not None:
+                from_config.add(key)
         out[key] = default if value is None else value
     return out
+
+
+@contextlib.contextmanager
+def named_by_source(from_config: set[str], source: str) -> Iterator[None]:
+    """Library errors raised in the block name a setting that config.json gave as its key there
+    (``source: video_length 50 ...``), the others as their flags."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(e.render(lambda name: f"{source}: {name}" if name in from_config else f"{{{name}}}")) from None
 
 
 def check_seed(name: str, value: int) -> None:

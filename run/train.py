@@ -136,6 +136,14 @@ def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None
         if pick(args, flag, 0) < 0:
             raise InputError(f"--{flag} must be >= 0")
     check_seed("seed", args.seed)
+    warmup, max_steps = pick(args, "warmup_steps", 0), pick(args, "max_steps", 1000)
+    if warmup > max_steps:
+        whose = " (--demo's)" if args.demo and args.warmup_steps is None else ""
+        raise InputError(f"--warmup_steps {warmup}{whose} is more than --max_steps {max_steps}: give fewer warmup "
+                         "steps or more steps")
+    if args.demo and args.data is None and pick(args, "batch_size", 1) > DEMO_DATA["count"]:
+        raise InputError(f"--batch_size {pick(args, 'batch_size', 1)} is more than the --demo set's "
+                         f"{DEMO_DATA['count']} samples")
     if args.lora and args.lora_alpha <= 0:
         raise InputError(f"--lora_alpha {args.lora_alpha} must be > 0")
     objective = Objective(shift=args.train_shift, sampling=args.timestep_sampling,

@@ -284,6 +284,9 @@ BAD_INPUTS = {
                     "prompt_embeds is 3584 wide but the model takes 64"),
     "non-finite": (lambda f: _break_tensor(f, "prompt_embeds_2", _nan), [], "prompt_embeds_2 has non-finite values"),
     "video length": (lambda f: None, ["--video_length", 50], "--video_length 50 must be of the form 4k\\+1"),
+    "config video length": (lambda f: _set_config(f, video_length=50), [],
+                            "config.json: video_length 50 must be of the form 4k\\+1"),  # named where it came from
+    "config steps": (lambda f: _set_config(f, num_inference_steps=0), [], "config.json: num_inference_steps must be"),
     "resolution": (lambda f: None, ["--width", 100], "--width 100 must be a positive multiple of 16"),
     "config value": (lambda f: _set_config(f, seed="many"), [], "seed='many' is not an integer"),
     "unknown model": (lambda f: None, ["--model", "nonexistent"], "--model nonexistent: no such checkpoint"),
