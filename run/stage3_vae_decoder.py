@@ -28,7 +28,7 @@ from hunyuan_tpu import handoff
 from hunyuan_tpu.files import InputError, locked_folder
 from hunyuan_tpu.vae import BACKENDS, Tiling, decode, load_vae, tiny_vae, to_frames
 from hunyuan_tpu.video import FPS, write_mp4, write_png
-from stage_cli import Parser, add_vae_group, dtype_of, finite_float, resolve, run_main
+from stage_cli import Parser, add_vae_group, dtype_of, finite_float, named_by_source, resolve, run_main
 
 
 def add_decode_group(p: argparse.ArgumentParser) -> None:
@@ -91,13 +91,15 @@ def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) 
     if "stage2" not in stage_config:
         raise InputError(f"{source}: no \"stage2\" entry: latents.safetensors is not from this run's stage 2 "
                          "(run it first)")
-    s = Settings(**resolve(args, stage_config, DEFAULTS, source))
-    dtype_of("--vae_dtype", s.vae_dtype)
-    if s.backend not in BACKENDS:
-        raise InputError(f"--backend {s.backend!r} is not one of {', '.join(BACKENDS)}")
-    if s.fps < 1:
-        raise InputError(f"--fps must be >= 1, got {s.fps}")
-    return s, None if args.no_tiling else Tiling(s.tile_size, s.tile_overlap)
+    from_config: set[str] = set()
+    s = Settings(**resolve(args, stage_config, DEFAULTS, source, from_config))
+    with named_by_source(from_config, source):  # a bad value is named as its flag or config.json key
+        dtype_of("{vae_dtype}", s.vae_dtype)
+        if s.backend not in BACKENDS:
+            raise InputError(f"{{backend}} {s.backend!r} is not one of {', '.join(BACKENDS)}")
+        if s.fps < 1:
+            raise InputError(f"{{fps}} must be >= 1, got {s.fps}")
+        return s, None if args.no_tiling else Tiling(s.tile_size, s.tile_overlap)
 
 
 def latents_name(choice: str, in_dir: Path, stage_config: dict[str, Any], source: str) -> str:

@@ -205,6 +205,11 @@ def test_stage3_bad_input(default_run, tmp_path):
     save_file({"latents": torch.zeros(1, 32, 0, 6, 10)}, str(empty / "latents.safetensors"))
     _bad("stage3_vae_decoder.py", ["--input_dir", empty, "--output_dir", tmp_path / "out"],
          r"latents have shape \(1, 32, 0, 6, 10\), expected \(1, channels, T, H, W\), none of them 0", tmp_path / "out")
+    from_config = tmp_path / "from_config"  # a bad value in config.json is named as its key there
+    shutil.copytree(folder, from_config)
+    (from_config / "config.json").write_text(json.dumps({**config(folder), "fps": 0}))
+    _bad("stage3_vae_decoder.py", ["--input_dir", from_config, "--output_dir", tmp_path / "out"],
+         r"from_config/config.json: fps must be >= 1, got 0", tmp_path / "out")
     fresh = tmp_path / "fresh"  # stage 1 only: latents from an earlier run would be stale
     fresh.mkdir()
     (fresh / "config.json").write_text(json.dumps({k: v for k, v in config(folder).items() if k != "stage2"}))
