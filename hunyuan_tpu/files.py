@@ -7,6 +7,7 @@ so a crash or a kill never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -104,6 +105,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # named as the file the user asked for, not its temporary
+        if e.filename == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -135,8 +140,13 @@ def _umask() -> int:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
                      ) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", **(metadata or {})})
+        try:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": "pt", **(metadata or {})})
+        except SafetensorError as e:  # the file system refused (no space, too large): an OSError like any other
+            code = re.search(r"os error (\d+)", str(e))
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number), str(tmp)) from None
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files owner-only; give them the usual mode
 
 
