@@ -173,12 +173,11 @@ def run(cache=NoCache(), strategy: str | None = None, mesh_spec: str | None = No
     return denoiser, result, compiled
 
 
-def test_schedules_without_cached_steps_give_the_uncached_latents():
+def test_no_cached_step_gives_the_uncached_latents():
     _, plain, _ = run()
-    for cache in (TaylorCache(Schedule(STEPS, STEPS)), MagCache(CALIBRATION, threshold=0.0)):
-        _, cached, _ = run(cache)
-        assert all(cached.full)
-        np.testing.assert_array_equal(cached.latents, plain.latents)
+    _, cached, _ = run(MagCache(CALIBRATION, threshold=0.0))  # a threshold of 0 caches nothing
+    assert all(cached.full)
+    np.testing.assert_array_equal(cached.latents, plain.latents)
 
 
 def _eager_model(variant: str) -> HunyuanVideo15DiT:
