@@ -63,8 +63,6 @@ def metrics(folder: Path) -> list[dict]:
 def test_kill_then_resume_is_bit_identical(env, data, one_block, tmp_path):
     args = [*BASE, "--model", one_block, "--data", data, "--max_steps", 24, "--checkpoint_every", 4,
             "--text_dropout", 0.3]
-    cli_runner.spawn(TRAIN, *args, "--output_dir", tmp_path / "whole", env=env)
-
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli_runner.command(TRAIN, *args, "--output_dir", killed),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -75,7 +73,16 @@ def test_kill_then_resume_is_bit_identical(env, data, one_block, tmp_path):
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     assert len(metrics(killed)) >= 8
-    resumed = cli_runner.spawn(TRAIN, *args, "--output_dir", killed, "--resume", env=env)
+    # the uninterrupted run and the resumed one side by side: both find the step the killed run
+    # compiled in the cache, and two interpreters start on two cores in the time of one
+    with open(tmp_path / "whole.log", "w") as log:
+        uninterrupted = subprocess.Popen(cli_runner.command(TRAIN, *args, "--output_dir", tmp_path / "whole"),
+                                         stdout=subprocess.DEVNULL, stderr=log, env=env)
+    try:
+        resumed = cli_runner.spawn(TRAIN, *args, "--output_dir", killed, "--resume", env=env)
+        assert uninterrupted.wait(timeout=240) == 0, (tmp_path / "whole.log").read_text()
+    finally:
+        uninterrupted.kill()  # no-op once it has finished
     assert "resuming at update" in resumed.stderr
 
     curve = lambda folder: [{k: v for k, v in row.items() if k != "seconds"} for row in metrics(folder)]  # noqa: E731
@@ -114,6 +121,8 @@ def test_bad_input_is_one_line(data, one_block, tmp_path):
         (["--data", data, "--lora", "--lora_targets", "nothing_matches"], "matches no linear layer"),
         (["--data", data, "--i2v_prob", "2"], "--i2v_prob 2.0 must be between 0 and 1"),
         (["--demo", "--batch_size", "0"], "--batch_size must be >= 1"),  # before the demo writes its data
+        (["--demo"], "--warmup_steps 10 (--demo's) is more than --max_steps 1"),  # the demo's hidden default named
+        (["--demo", "--warmup_steps", "0", "--batch_size", "100"], "--batch_size 100 is more than the --demo set's 16"),
         (["--data", data, "--max_grad_norm", "-1"], "--max_grad_norm -1.0 must be >= 0 (0: off)"),
         (["--data", data, "--learning_rate", "nan"], "argument --learning_rate: 'nan' is not a finite number"),
     ]
