@@ -120,6 +120,12 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
         with locked_folder(out_dir):
             for name in (*names, handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
                 os.replace(work / name, out_dir / name)
+    except InputError as e:  # named as the output folder the user gave, not the work folder that is gone
+        raise InputError(e.template.replace(str(work), str(out_dir))) from None
+    except OSError as e:
+        if e.filename:
+            e.filename = str(e.filename).replace(str(work), str(out_dir))
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = read_json(out_dir / handoff.CONFIG_NAME)

@@ -181,21 +181,24 @@ def test_generate_checks_every_stage_before_running_any(flags, message, tmp_path
     ("stage1_text_encoder.py", r"out/embeddings.safetensors: File too large"),
     ("stage2_transformer.py", r"out/latents.safetensors: File too large"),
     ("stage3_vae_decoder.py", r"video.mp4: the video writer wrote \d+ of 49 frames"),
+    ("generate.py", r"out/embeddings.safetensors: File too large"),  # not its work folder, which is gone
 ])
 def test_full_disk_is_one_line_and_leaves_no_output(script, message, default_run, tmp_path):
     """A file-size limit (as a full disk does) makes a write fail: exit 1, one line naming the
     file, and no output under its final name (stage 3: ffmpeg's failure is caught by reading the
     video back)."""
     out = tmp_path / "out"
-    command = cli_runner.command(script, "--prompt", PROMPT, "--output_dir", out) if script.startswith("stage1") \
-        else cli_runner.command(script, "--input_dir", default_run[0], "--output_dir", out,
-                                *(["--num_inference_steps", 2] if script.startswith("stage2") else []))
+    if script.startswith(("stage2", "stage3")):
+        args = ["--input_dir", default_run[0], *(["--num_inference_steps", 2] if script.startswith("stage2") else [])]
+    else:
+        args = ["--prompt", PROMPT]
+    command = cli_runner.command(script, *args, "--output_dir", out)
     # files of at most 8 KiB (bash's ulimit -f counts KiB), for the process and its ffmpeg
     proc = subprocess.run(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *command], capture_output=True,
                           text=True, timeout=300, env=cli_runner.environment())
     assert proc.returncode == 1, proc.stderr
     assert re.search("^error: .*" + message, proc.stderr.strip().splitlines()[-1]), proc.stderr
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
 
 
 def test_stage3_bad_input(default_run, tmp_path):
