@@ -12,7 +12,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +294,22 @@ def state_sharding(placement: Placement, kind: str | None):
     return placement.replicated if kind is None else placement.activation(kind)
 
 
+def abstract_state(cache: FeatureCache, state: Mapping[str, Any], placement: Placement
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """``state`` (arrays, or the full step's output info) as the abstract step argument it is
+    compiled for: each entry's shape and dtype, laid out as the cache says."""
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=state_sharding(placement, cache.layout[k]))
+            for k, v in state.items()}
+
+
+def image_stream(config: DiTConfig, settings: SamplingSettings, placement: Placement,
+                 latent_shape: tuple[int, int, int], dtype) -> jax.ShapeDtypeStruct:
+    """The image stream between blocks: (batch, tokens padded for the layout, hidden)."""
+    tokens = math.prod(n // p for n, p in zip(latent_shape, config.patch_size))
+    padded = tokens + -tokens % placement.execution.token_multiple
+    return jax.ShapeDtypeStruct((2 if settings.cfg else 1, padded, config.hidden_size), dtype)
+
+
 class Denoiser:
     """One run's parameters and conditions on device, with its step function(s) compiled once.
 
@@ -342,16 +358,17 @@ class Denoiser:
         """Whether step ``i`` runs every block."""
         return self.cache.is_full(i)
 
-    def _image_stream(self, latents_shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-        """The image stream's shape between blocks: (batch, tokens padded for the layout, hidden)."""
-        tokens = math.prod(n // p for n, p in zip(latents_shape[2:], self.config.patch_size))
-        padded = tokens + -tokens % self.placement.execution.token_multiple
-        batch = 2 if self.settings.cfg else 1
-        return jax.ShapeDtypeStruct((batch, padded, self.config.hidden_size), self.dtype)
+    def _initial(self, latents_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        return self.cache.initial(image_stream(self.config, self.settings, self.placement, latents_shape[2:],
+                                               self.dtype))
+
+    def carried(self, state: State) -> State:
+        """The part of ``state`` a full step takes: what outlives it (the rest it replaces)."""
+        return {k: state[k] for k in self.cache.carried}
 
     def initial_state(self, latents_shape: tuple[int, ...], saved: dict[str, np.ndarray] | None = None) -> State:
         """The cache's carried state on device: as before the first step, or ``saved`` (a checkpoint's)."""
-        host = self.cache.initial(self._image_stream(latents_shape)) if saved is None else saved
+        host = self._initial(latents_shape) if saved is None else saved
         expected = self.cache.carried
         if set(host) != set(expected):
             raise InputError(f"the checkpoint's cache state holds {sorted(host)}, {self.cache.name} needs "
@@ -362,16 +379,12 @@ class Denoiser:
         """Trace and compile the step(s) ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
-        carried = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                           sharding=state_sharding(self.placement, self.cache.carried[k]))
-                   for k, v in self.cache.initial(self._image_stream(latents_shape)).items()}
+        carried = abstract_state(self.cache, self._initial(latents_shape), self.placement)
         with tracing(self.placement.mesh, self.attention, self.sparse_attention):
             lowered = self._jitted.lower(self.params, self.conditions, latents, 0, carried)
             self.compiled = lowered.compile()
             if self._jitted_cached is not None:  # the cached step takes the state as the full step leaves it
-                state = jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
-                                                                                 sharding=sharding),
-                                     lowered.out_info[1], self.compiled.output_shardings[1])
+                state = abstract_state(self.cache, lowered.out_info[1], self.placement)
                 self.compiled_cached = self._jitted_cached.lower(
                     self.params, self.conditions, latents, 0, state).compile()
         return time.perf_counter() - start
@@ -381,13 +394,12 @@ class Denoiser:
 
     def step(self, latents: jax.Array, i: int, state: State) -> tuple[jax.Array, State]:
         """Step ``i``: the new latents and the cache's state. A full step takes the carried state
-        (``initial_state``, or what the last step left: the rest is dropped here); a cached step
+        (``initial_state``, or what the last step left: ``carried`` picks it); a cached step
         takes the whole state of the steps before it."""
         if self.compiled is None:
             self.compile(latents.shape)
         if self.cache.is_full(i):
-            carried = {k: state[k] for k in self.cache.carried}
-            return self.compiled(self.params, self.conditions, latents, i, carried)
+            return self.compiled(self.params, self.conditions, latents, i, self.carried(state))
         if set(state) != set(self.cache.layout):
             raise ValueError(f"step {i} is a cached step, but no full step ran before it")
         return self.compiled_cached(self.params, self.conditions, latents, i, state)
@@ -422,6 +434,8 @@ def denoise(
     times, full = [], []
     for i in tqdm(range(start_step, denoiser.num_steps), desc="denoise", unit="step", disable=not progress,
                   initial=start_step, total=denoiser.num_steps):
+        if denoiser.is_full(i):
+            carried = denoiser.carried(carried)  # frees what the full step replaces before it allocates anew
         begin = time.perf_counter()
         x, carried = denoiser.step(x, i, carried)
         x.block_until_ready()

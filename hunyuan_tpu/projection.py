@@ -221,17 +221,11 @@ def project_step(
     args = [params, conds, latents, 0]
     with tracing(placement.mesh, *kernels):
         if cache is not None:
-            batch = 2 if settings.cfg else 1
-            img = jax.ShapeDtypeStruct((batch, padded_tokens(shape, placement), config.hidden_size), dtype)
-            args.append({k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
-                                                 sharding=pipeline.state_sharding(placement, cache.carried[k]))
-                         for k, v in cache.initial(img).items()})
+            img = pipeline.image_stream(config, settings, placement, shape, dtype)
+            args.append(pipeline.abstract_state(cache, cache.initial(img), placement))
             if cached:  # the state's shapes from the full step, traced (not compiled) with the blocks scanned
                 full = pipeline.step_function(config, settings, dtype, placement=placement, cache=cache)
-                state = jax.eval_shape(full, *args)[1]
-                args[-1] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                    sharding=pipeline.state_sharding(placement, cache.layout[k]))
-                            for k, v in state.items()}
+                args[-1] = pipeline.abstract_state(cache, jax.eval_shape(full, *args)[1], placement)
         # the blocks unrolled (and the weights per layer): XLA's cost analysis counts a loop body
         # once, so the scanned step would show one block's FLOPs and bytes
         compiled = pipeline.step_function(config, settings, dtype, placement=placement, cache=cache, cached=cached,
@@ -245,7 +239,7 @@ def _on_chip(compiled, placement: parallel.Placement, shapes: dict[str, tuple[in
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
-    weights = sum(BF16 * math.prod(placement.params[k].shard_shape(s)) for k, s in shapes.items())
+    weights = parallel.weight_bytes(placement, shapes, BF16)
     other_args = memory.argument_size_in_bytes - 2 * weights  # conditions, latents (float32 here)
     split = placement.mesh.size
     kinds, wire = collective_summary(compiled, scale=0.5)
