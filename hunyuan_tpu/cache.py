@@ -16,7 +16,7 @@ and no step reads a value back to decide anything.
   tokens; a cached step extrapolates them (a Taylor series in steps since the last full step).
 - ``MagCache`` (Ma et al. 2025): a cached step adds the last full step's residual to this step's
   embedded image stream; which steps are cached follows from the checkpoint's calibrated
-  per-step residual magnitude ratios (``MagCacheCalibration``, ``calibration_file``).
+  per-step residual magnitude ratios (``MagCacheCalibration``, ``read_calibration``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -36,7 +34,7 @@ import numpy as np
 
 from sharding import IMG, TXT
 
-from .files import InputError
+from .files import InputError, read_json, write_json
 
 # forward(save=(k, ...), start=k, streams=(img, txt), residual=img) -> velocity, or with ``save``
 # (velocity, [(img, txt) entering each saved block]): the DiT's forward for this step, cut
@@ -105,10 +103,6 @@ class FeatureCache(abc.ABC):
         """The carried state before the first step (``img``: the image stream's shape and dtype)."""
         return {}
 
-    def settings(self) -> dict[str, Any]:
-        """What config.json records of the cache."""
-        return {"cache_type": self.name}
-
     def full_steps(self, total_steps: int) -> list[int]:
         return [i for i in range(total_steps) if self.is_full(i)]
 
@@ -142,11 +136,6 @@ class ScheduledCache(FeatureCache, abc.ABC):
     def is_full(self, step: int) -> bool:
         return self.schedule.is_full(step)
 
-    def settings(self) -> dict[str, Any]:
-        s = self.schedule
-        return {**super().settings(), "cache_start_step": s.start, "cache_end_step": s.end,
-                "cache_step_interval": s.interval}
-
 
 @dataclasses.dataclass(frozen=True)
 class DeepCache(ScheduledCache):
@@ -168,9 +157,6 @@ class DeepCache(ScheduledCache):
 
     def cached(self, forward, state, i, *, depth, tokens):
         return forward(start=depth - self.keep_blocks, streams=(state["img"], state["txt"])), state
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "cache_keep_blocks": self.keep_blocks}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,11 +260,6 @@ class TaylorCache(ScheduledCache):
                 img = img + state[f"{band}{k}"] * weight.astype(state[f"{band}{k}"].dtype)
         return forward(start=depth, streams=(img, state["txt"])), state
 
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "taylor_max_order": self.max_order, "taylor_low_freqs_order":
-                self.low_freqs_order, "taylor_high_freqs_order": self.high_freqs_order,
-                "taylor_cutoff_ratio": self.cutoff_ratio}
-
 
 # ---- MagCache ------------------------------------------------------------------------------------
 
@@ -313,22 +294,17 @@ class Calibration:
 
 
 def write_calibration(calibration: Calibration, path: Path) -> None:
-    """Write ``path`` whole or not at all (a temporary name, then a rename)."""
+    """Write ``path`` whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(calibration.to_json(), indent=1) + "\n")
-    os.replace(partial, path)
+    write_json(path, calibration.to_json())
 
 
 def read_calibration(path: Path) -> Calibration:
     """A calibration file, checked: format, version, and every ratio finite and positive."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such MagCache calibration file (write one with {{magcache_calibrate}})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a MagCache calibration file ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such MagCache calibration file (write one with {{magcache_calibrate}})")
+    data = read_json(path)
+    if data.get("format") != CALIBRATION_FORMAT:
         raise InputError(f"{path}: not a MagCache calibration file (format is not {CALIBRATION_FORMAT!r})")
     if data.get("version") != CALIBRATION_VERSION:
         raise InputError(f"{path}: calibration version {data.get('version')!r}; this release reads version "
@@ -409,10 +385,6 @@ class MagCache(FeatureCache):
     def cached(self, forward, state, i, *, depth, tokens):
         return forward(start=depth, residual=state["residual"]), state
 
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "magcache_threshold": self.threshold, "magcache_max_skips": self.max_skips,
-                "magcache_retention_ratio": self.retention_ratio}
-
 
 @dataclasses.dataclass(frozen=True)
 class MagCacheCalibration(FeatureCache):
@@ -420,14 +392,14 @@ class MagCacheCalibration(FeatureCache):
     previous step's (``ratio``, a scalar the caller reads after the run) and its per-token norms."""
 
     name: ClassVar[str] = "magcache_calibration"
-    carried: ClassVar[Mapping[str, str | None]] = {"norms": REPLICATED, "ratio": REPLICATED}
-    layout: ClassVar[Mapping[str, str | None]] = carried
+    carried: ClassVar[Mapping[str, str | None]] = {"norms": REPLICATED}
+    layout: ClassVar[Mapping[str, str | None]] = {**carried, "ratio": REPLICATED}
 
     def is_full(self, step: int) -> bool:
         return True
 
     def initial(self, img: jax.ShapeDtypeStruct) -> dict[str, np.ndarray]:
-        return {"norms": np.zeros(img.shape[:2], np.float32), "ratio": np.float32(1)}
+        return {"norms": np.zeros(img.shape[:2], np.float32)}
 
     def full(self, forward, carried, i, *, depth, tokens):
         velocity, [(entering, _), (leaving, _)] = forward(save=(0, depth))

@@ -164,17 +164,21 @@ def device_memory(device: jax.Device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def weight_bytes(placement: Placement, shapes: Mapping[str, tuple[int, ...]], dtype_bytes: int) -> int:
+    """One device's share of the weights: each parameter as its sharding splits it (whole without a mesh)."""
+    return sum(dtype_bytes * math.prod(placement.params[k].shard_shape(s) if k in placement.params else s)
+               for k, s in shapes.items())
+
+
 def check_memory(config: DiTConfig, placement: Placement, latent_shape: tuple[int, int, int], batch: int,
                  dtype_bytes: int, device: jax.Device) -> None:
     """Refuse, before anything is compiled, a step that cannot fit on ``device``: its share of the
     weights plus a lower bound on the activations (the image stream in and out of a block and one
     projection of it) against the device's memory. What XLA allocates is more, never less."""
-    weights = sum(dtype_bytes * math.prod(placement.params[k].shard_shape(s) if k in placement.params else s)
-                  for k, s in param_shapes(config).items())
+    weights = weight_bytes(placement, param_shapes(config), dtype_bytes)
     tokens = math.prod(n // p for n, p in zip(latent_shape, config.patch_size))
-    sizes = placement.sizes or {}
-    token_split = math.prod(sizes.get(a, 1) for a in (placement.strategy.token_axes if placement.strategy else ()))
-    per_device = -(-tokens // token_split) * -(-batch // sizes.get("dp", 1))
+    dp = (placement.sizes or {}).get("dp", 1)
+    per_device = -(-tokens // placement.execution.token_multiple) * -(-batch // dp)
     activations = 3 * per_device * config.hidden_size * dtype_bytes
     limit = device_memory(device)
     if weights + activations > limit:

@@ -26,6 +26,7 @@ import torch
 from jax.experimental import multihost_utils
 
 from .files import InputError, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
+from .runtime import to_torch
 
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -46,10 +47,6 @@ def host_array(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(a, order="C"))  # a copy that keeps 0-d counters 0-d
 
 
 def flatten_state(tree: Any) -> dict[str, jax.Array]:
@@ -73,8 +70,8 @@ def save(
     ``write_trainable(path, tensors)`` writes the trained tensors (it knows their file format);
     every process takes part in gathering sharded arrays, only the ``writer`` writes.
     """
-    trainable_host = {k: _tensor(host_array(v)) for k, v in trainable.items()}
-    optimizer_host = {k: _tensor(host_array(v)) for k, v in flatten_state(opt_state).items()}
+    trainable_host = {k: to_torch(host_array(v)) for k, v in trainable.items()}
+    optimizer_host = {k: to_torch(host_array(v)) for k, v in flatten_state(opt_state).items()}
     name = f"step_{position.step:06d}"
     final = folder / name
     if not writer:

@@ -29,8 +29,8 @@ import stage2_sr
 import stage2_transformer as stage2
 import stage3_vae_decoder as stage3
 from hunyuan_tpu import handoff
-from hunyuan_tpu.vae import vae_config_latent_channels
 from hunyuan_tpu.files import InputError, locked_folder, read_json, remove_stale_temporaries
+from hunyuan_tpu.vae import vae_config_latent_channels
 from stage_cli import Parser, add_vae_group, add_video_group, parse_joining, run_main
 
 
