@@ -110,8 +110,9 @@ def test_calibration_file_round_trip_and_checks(tmp_path):
     for broken, message in (({**data, "version": 0}, "calibration version 0"),
                             ({**data, "format": "x"}, "not a MagCache calibration file"),
                             ({**data, "ratios": [1.0, float("nan")]}, "ratios must be finite and > 0"),
-                            ({k: v for k, v in data.items() if k != "model"}, "entry missing or malformed")):
-        path.write_text(json.dumps(broken))
+                            ({k: v for k, v in data.items() if k != "model"}, "entry missing or malformed"),
+                            ("{not json", "not valid JSON"), ([1, 2], "expected a JSON object")):
+        path.write_text(broken if isinstance(broken, str) else json.dumps(broken))
         with pytest.raises(InputError, match=message):
             read_calibration(path)
 
