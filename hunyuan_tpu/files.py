@@ -10,11 +10,15 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -148,6 +152,43 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
             number = int(code.group(1)) if code else errno.EIO
             raise OSError(number, os.strerror(number), str(tmp)) from None
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files owner-only; give them the usual mode
+
+
+# numpy dtype name -> safetensors' code (ml_dtypes gives numpy its bfloat16)
+_SAFETENSORS_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+@contextlib.contextmanager
+def safetensors_writer(path: str | Path, layout: Mapping[str, tuple[tuple[int, ...], Any]],
+                       metadata: dict[str, str] | None = None) -> Iterator[Callable[[str, np.ndarray], None]]:
+    """A safetensors file written one tensor at a time, so that the host holds one tensor, not
+    the file: ``layout`` names each tensor's (shape, numpy dtype) in file order, and the block
+    calls ``write(name, array)`` for each in that order. The file appears only when all are in."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_CODES[np.dtype(dtype).name], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    order = iter(layout.items())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+
+        def write(name: str, array: np.ndarray) -> None:
+            expected, (shape, dtype) = next(order, (None, (None, None)))
+            if (name, array.shape, array.dtype) != (expected, tuple(shape or ()), np.dtype(dtype or np.float32)):
+                raise ValueError(f"{path}: tensor {name} {array.shape} {array.dtype} written where the layout has "
+                                 f"{expected} {shape} {dtype}")
+            f.write(np.ascontiguousarray(array).view(np.uint8).data)
+
+        yield write
+        missing = [name for name, _ in order]
+        if missing:
+            raise ValueError(f"{path}: tensors never written: {', '.join(missing)}")
 
 
 def read_safetensors(

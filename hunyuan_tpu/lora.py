@@ -16,7 +16,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -152,13 +152,18 @@ def save_adapter(path: str | Path, weights: Mapping[str, torch.Tensor], spec: Lo
     """The official trainer's file: official-named lora_A/lora_B tensors and PEFT's config as metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dict(weights), path, metadata=adapter_metadata(weights, spec))
+    return path
+
+
+def adapter_metadata(names: Iterable[str], spec: LoRASpec) -> dict[str, str]:
+    """The adapter file's metadata: PEFT's config for the adapter with tensors ``names``."""
     config = {
         "peft_type": "LORA", "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted({_KEY.fullmatch(k).group("module") for k in weights}),
+        "target_modules": sorted({_KEY.fullmatch(k).group("module") for k in names}),
         "task_type": "FEATURE_EXTRACTION",
     }
-    save_safetensors(dict(weights), path, metadata={METADATA_KEY: json.dumps(config)})
-    return path
+    return {METADATA_KEY: json.dumps(config)}
 
 
 def _scale_from(metadata: Mapping[str, str], path: Path) -> float:

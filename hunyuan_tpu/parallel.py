@@ -291,9 +291,27 @@ def multi_host(environ: Mapping[str, str]) -> bool:
     )
 
 
+def _count(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"environment variable {name}={value!r} is not a whole number") from None
+
+
 def initialize_distributed(environ: Mapping[str, str] = os.environ) -> bool:
-    """Call ``jax.distributed.initialize()`` when running on several hosts (before any other JAX use)."""
+    """Join the multi-process job the environment describes (before any other JAX use): on a
+    TPU pod slice, SLURM or MPI, JAX finds the rest itself; elsewhere ``JAX_COORDINATOR_ADDRESS``
+    (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` say it."""
     if not multi_host(environ):
         return False
-    jax.distributed.initialize()
+    processes, index = _count(environ, "JAX_NUM_PROCESSES"), _count(environ, "JAX_PROCESS_ID")
+    if environ.get("JAX_COORDINATOR_ADDRESS") and (processes is None) != (index is None):
+        raise InputError("JAX_NUM_PROCESSES and JAX_PROCESS_ID go together: set both, or neither on a platform "
+                         "that finds them itself")
+    if processes is not None and index is not None and not 0 <= index < processes:
+        raise InputError(f"JAX_PROCESS_ID={index} must be between 0 and JAX_NUM_PROCESSES - 1 ({processes - 1})")
+    jax.distributed.initialize(num_processes=processes, process_id=index)
     return True

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
 from torchax import interop
 from torchax.ops import mappings
@@ -105,6 +106,14 @@ def to_host_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """The whole of ``x`` on this host. Where other processes hold parts of it, this is a
+    collective: every process of the job must call it, in the same order."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def to_torch(a: np.ndarray | jax.Array) -> torch.Tensor:
     """A host copy of an array as a CPU torch tensor (``to_host_array``'s inverse, bfloat16 included)."""
     a = np.array(a, order="C")  # a copy that keeps 0-d arrays 0-d
@@ -142,8 +151,13 @@ def rematerialized(fn: Callable) -> Callable:
 
 
 def device_array(t: torch.Tensor, sharding: Sharding | None = None) -> jax.Array:
-    """A host tensor on device (placed by ``sharding``) via ``jax.device_put``, which compiles nothing."""
-    return jax.device_put(to_host_array(t), sharding)
+    """A host tensor on device, placed by ``sharding``; nothing compiles. Each device gets its
+    slice from the host (``jax.device_put`` would, on several processes, also all-gather the
+    whole tensor across them to check that every host passed the same one)."""
+    a = to_host_array(t)
+    if sharding is None:
+        return jax.device_put(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def jax_view(

@@ -2,26 +2,29 @@
 
     <output>/metrics.jsonl        one line per update: step, loss, grad_norm, lr, seconds
     <output>/loss_curve.png       the loss per update and its running mean
-    <output>/checkpoints/         see ``training_checkpoint``; ``resume`` continues from the newest
+    <output>/checkpoints/         see ``training_checkpoint`` (orbax); ``resume`` continues from the newest
     <output>/validation/          step_<n>.safetensors: latents sampled with the weights at update n
     <output>/final/               full: diffusion_pytorch_model.safetensors + config.json (a
                                   --model for stage 2); LoRA: pytorch_lora_weights.safetensors
                                   (official trainer's name and format; stage 2 --lora)
     <output>/run.json             the settings and what the run measured
+
+On several processes every one runs this loop on its own devices' share; process 0 writes the
+logs, the validation latents and the final weights, each tensor gathered alone (the host never
+holds the whole model), and every process writes its shards of each checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -32,16 +35,15 @@ from . import lora as lora_lib
 from . import pipeline
 from . import training_checkpoint as ckpt
 from .attention import Kernel, xla_attention
-from .checkpoint import save_transformer
+from .checkpoint import WEIGHTS_NAME
 from .config import DiTConfig
 from .dataset import DataOrder, TrainingData
-from .files import InputError, atomic_path, locked_folder, read_safetensors, save_safetensors, write_json
+from .files import InputError, atomic_path, locked_folder, safetensors_writer, save_safetensors, write_json
 from .handoff import TEXT_KEYS
-from .model import HunyuanVideo15DiT
 from .objective import Objective
 from .parallel import Placement
 from .params import meta_model, model_params
-from .runtime import JaxParams, jax_dtype
+from .runtime import JaxParams, gather_to_host, jax_dtype
 from .scan import stack_blocks
 from .training import OptimizerSettings, Trainer, TrainState, step_key
 
@@ -162,23 +164,34 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _write_trainable(spec: lora_lib.LoRASpec | None, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A checkpoint's trained tensors: an adapter in the official trainer's format, or the weights."""
-    if spec is not None:
-        lora_lib.save_adapter(path, tensors, spec)
-    else:
-        save_safetensors(tensors, path)
+def _export(arrays: Mapping[str, jax.Array], dtype: np.dtype, path: Path, metadata: dict[str, str] | None,
+            writer: bool) -> None:
+    """``arrays`` cast to ``dtype`` into one safetensors file, one tensor at a time: every process
+    takes part in gathering each tensor, the ``writer`` writes it, and no host ever holds more
+    than one."""
+    layout = {k: (v.shape, dtype) for k, v in arrays.items()}
+    with safetensors_writer(path, layout, metadata) if writer else contextlib.nullcontext() as write:
+        for name, array in arrays.items():
+            host = gather_to_host(array).astype(dtype)
+            if writer:
+                write(name, host)
+            del host
 
 
-def _write_final(settings: RunSettings, config: DiTConfig, trainable: dict[str, np.ndarray], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in trainable.items()}
+def _write_final(settings: RunSettings, config: DiTConfig, trainable: Mapping[str, jax.Array], folder: Path,
+                 writer: bool) -> Path:
+    """The weights a user takes away: the LoRA adapter in the official trainer's format, or a
+    ``--model`` folder for stage 2 (config.json and the weights in the run's dtype)."""
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
     if settings.lora is not None:
-        return lora_lib.save_adapter(folder / LORA_WEIGHTS, tensors, settings.lora)
-    with torch.device("meta"):
-        model = HunyuanVideo15DiT(config)
-    model.load_state_dict({k: t.to(settings.dtype) for k, t in tensors.items()}, assign=True)
-    return save_transformer(model, folder)
+        path = folder / LORA_WEIGHTS
+        _export(trainable, np.dtype(np.float32), path, lora_lib.adapter_metadata(trainable, settings.lora), writer)
+        return path
+    _export(trainable, np.dtype(jax_dtype(settings.dtype)), folder / WEIGHTS_NAME, None, writer)
+    if writer:
+        write_json(folder / "config.json", config.to_official_dict())
+    return folder
 
 
 @dataclasses.dataclass
@@ -218,24 +231,22 @@ def _build(s: RunSettings, config: DiTConfig, log: Callable[[str], None]) -> _Se
     return _Session(data, order, trainer, trainer.init_state(trainable), frozen, s.fingerprint(data))
 
 
-def _resume(s: RunSettings, run: _Session, log: Callable[[str], None]) -> None:
+def _resume(s: RunSettings, run: _Session, checkpoints: ckpt.Checkpoints, log: Callable[[str], None]) -> None:
     """Continue from the newest checkpoint (``resume``), or refuse to overwrite one."""
-    checkpoints = Path(s.output_dir) / "checkpoints"
-    found = ckpt.latest(checkpoints)
-    if found is not None and not s.resume:
-        raise InputError(f"{found}: a checkpoint of an earlier run; pass {{resume}} to continue it, or choose "
-                         "another {output_dir}")
-    if found is None:
+    step = checkpoints.latest()
+    if step is not None and not s.resume:
+        raise InputError(f"{checkpoints.path(step)}: a checkpoint of an earlier run; pass {{resume}} to continue it, "
+                         "or choose another {output_dir}")
+    if step is None:
         if s.resume:
-            log(f"no checkpoint in {checkpoints}: starting from update 0")
+            log(f"no checkpoint in {checkpoints.folder}: starting from update 0")
         return
-    saved = ckpt.read_position(found)
+    found = checkpoints.path(step)
+    saved = checkpoints.read_position(step)
     if saved.fingerprint != run.fingerprint:
         raise InputError(f"{found}: saved by a run with other settings or data; drop {{resume}} or use "
                          "another {output_dir}")
-    params, opt_state = ckpt.restore(found, run.state.trainable, run.state.opt_state,
-                                     lambda p: read_safetensors(p, torch.float32)[0])
-    run.state = TrainState(params, opt_state)
+    run.state = TrainState(*checkpoints.restore(step, run.state.trainable, run.state.opt_state))
     run.step, run.position = saved.step, saved.data_position
     log(f"resuming at update {run.step} of {s.optimizer.total_steps} from {found}")
 
@@ -252,12 +263,12 @@ def _start_metrics(out: Path, run: _Session, writer: bool) -> None:
         tmp.replace(path)
 
 
-def _loop(s: RunSettings, config: DiTConfig, run: _Session, batch: dict, empty: dict | None, writer: bool) -> list[float]:
+def _loop(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Checkpoints, batch: dict,
+          empty: dict | None, writer: bool) -> list[float]:
     """The updates from ``run.step`` to the last; returns each one's seconds."""
     out, trainer = Path(s.output_dir), run.trainer
-    checkpoints, metrics_path = out / "checkpoints", out / METRICS
+    metrics_path = out / METRICS
     validation = Validation(s, config, run.data)
-    write_trainable = functools.partial(_write_trainable, s.lora)
     title = f"{'LoRA' if s.lora else 'full'} training of {Path(s.model).name}, {s.optimizer.name}"
     seconds = []
     bar = tqdm(total=s.optimizer.total_steps, initial=run.step, desc="train", unit="update",
@@ -271,8 +282,10 @@ def _loop(s: RunSettings, config: DiTConfig, run: _Session, batch: dict, empty: 
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds.append(time.perf_counter() - begin)
             if not math.isfinite(loss):
-                last = ckpt.latest(checkpoints)
-                kept = f"The last checkpoint, {last}, is intact." if last else "No checkpoint was written."
+                checkpoints.wait()  # the one being written completes
+                last = checkpoints.latest()
+                kept = f"The last checkpoint, {checkpoints.path(last)}, is intact." if last else \
+                    "No checkpoint was written."
                 raise InputError(f"update {run.step + 1}: the loss is {loss}; stopping. {kept} Check the data for "
                                  "extreme values or lower {learning_rate}.")
             run.step, run.position = run.step + 1, run.position + 1
@@ -284,9 +297,8 @@ def _loop(s: RunSettings, config: DiTConfig, run: _Session, batch: dict, empty: 
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", s_per_update=f"{seconds[-1]:.3f}")
             bar.update()
             if s.checkpoint_every and run.step % s.checkpoint_every == 0 and run.step < s.optimizer.total_steps:
-                ckpt.save(checkpoints, ckpt.RunPosition(run.step, run.position, s.seed, run.fingerprint),
-                          run.state.trainable, run.state.opt_state, write_trainable=write_trainable,
-                          keep=s.keep_checkpoints, writer=writer)
+                checkpoints.save(ckpt.RunPosition(run.step, run.position, s.seed, run.fingerprint),
+                                 run.state.trainable, run.state.opt_state)
                 if writer:
                     plot_loss(run.rows, out / LOSS_CURVE, title)
             if s.validate_every and (run.step % s.validate_every == 0 or run.step == s.optimizer.total_steps):
@@ -317,27 +329,35 @@ def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] =
     s, out = settings, Path(settings.output_dir)
     writer = jax.process_index() == 0
     run = _build(s, config, log)
-    _resume(s, run, log)
-    # from here on the run writes into its folder: another run there is refused, a killed one's temporaries go
-    with locked_folder(out) if writer else contextlib.nullcontext():
-        _start_metrics(out, run, writer)
-        empty = run.data.empty_prompt()
-        if empty is not None:
-            empty = jax.device_put(empty, s.placement.replicated) if s.objective.text_dropout > 0 else None
-        first = run.step
-        batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
-        compile_begin = time.perf_counter()
-        run.trainer.compile(run.state, run.frozen, batch, empty)
-        compile_s = time.perf_counter() - compile_begin
-        seconds = _loop(s, config, run, batch, empty, writer)
-        final = out / "final"
+    with contextlib.ExitStack() as stack:
+        checkpoints = stack.enter_context(ckpt.Checkpoints(out / "checkpoints", s.keep_checkpoints))
+        _resume(s, run, checkpoints, log)
+        # from here on the run writes into its folder: another run there is refused, a killed one's temporaries go
         if writer:
-            final = _write_final(s, config, {k: ckpt.host_array(v) for k, v in run.state.trainable.items()}, final)
-        summary = Summary(
-            steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
-            compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
-            total_s=time.perf_counter() - started, final=final,
-        )
-        if writer:
-            write_json(out / "run.json", _run_record(s, summary))
+            stack.enter_context(locked_folder(out))
+        return _run(s, config, run, checkpoints, writer, started)
+
+
+def _run(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Checkpoints, writer: bool,
+         started: float) -> Summary:
+    """From the run's update to the last, then the final weights and run.json."""
+    out = Path(s.output_dir)
+    _start_metrics(out, run, writer)
+    empty = run.data.empty_prompt()
+    if empty is not None:
+        empty = jax.device_put(empty, s.placement.replicated) if s.objective.text_dropout > 0 else None
+    first = run.step
+    batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
+    compile_begin = time.perf_counter()
+    run.trainer.compile(run.state, run.frozen, batch, empty)
+    compile_s = time.perf_counter() - compile_begin
+    seconds = _loop(s, config, run, checkpoints, batch, empty, writer)
+    final = _write_final(s, config, run.state.trainable, out / "final", writer)
+    summary = Summary(
+        steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
+        compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
+        total_s=time.perf_counter() - started, final=final,
+    )
+    if writer:
+        write_json(out / "run.json", _run_record(s, summary))
     return summary

@@ -37,7 +37,7 @@ from hunyuan_tpu.pipeline import (
     LATENT_CHANNELS, Denoiser, LoopResult, SamplingSettings, bucket_size, build_conditions, default_sampling,
     denoise, initial_noise, latent_shape, released_variant,
 )
-from hunyuan_tpu.runtime import jax_dtype, to_host_array, to_torch
+from hunyuan_tpu.runtime import gather_to_host, jax_dtype, to_host_array, to_torch
 from hunyuan_tpu.scan import stack_blocks
 from hunyuan_tpu.synthetic import stage1_embeddings
 from stage_cli import (
@@ -490,8 +490,6 @@ def claim_output(folder: Path, hold: contextlib.ExitStack) -> None:
     is refused, and what a killed run left there is removed. Only the writing process does so."""
     if jax.process_index() == 0:
         hold.enter_context(locked_folder(folder))
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
 
 
 def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None, hold: contextlib.ExitStack) -> Stage2:
@@ -572,11 +570,14 @@ def execute(run: Stage2, writer: bool) -> tuple[LoopResult, list[float]]:
         if run.calibrate:
             ratios.append(float(state["ratio"]))
         # only before a full step, with the state that outlives it (TaylorCache's derivatives)
-        if (writer and s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.num_inference_steps
+        if (s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.num_inference_steps
                 and denoiser.is_full(step)):
-            carried = {CACHE_PREFIX + k: to_torch(v) for k, v in state.items() if k in denoiser.cache.carried}
-            save_safetensors({"latents": to_torch(x), **carried}, run.checkpoint_path,
-                             metadata={"step": str(step), "run": run.run_id})
+            # every process takes part in gathering the token-split state; one writes it
+            carried = {CACHE_PREFIX + k: to_torch(gather_to_host(v)) for k, v in state.items()
+                       if k in denoiser.cache.carried}
+            if writer:
+                save_safetensors({"latents": to_torch(gather_to_host(x)), **carried}, run.checkpoint_path,
+                                 metadata={"step": str(step), "run": run.run_id})
 
     result = denoise(denoiser, run.latents, run.start_step, state=run.state, on_step=on_step, progress=writer)
     return result, ratios

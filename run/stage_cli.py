@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import jax
 import torch
 
 from hunyuan_tpu import parallel
@@ -103,7 +105,8 @@ def parse_joining(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
     """The flags, after which a process of a multi-host job (a TPU pod slice, SLURM, MPI, or
     JAX_COORDINATOR_ADDRESS set) joins the others, before anything touches a JAX backend."""
     args = parser.parse_args(argv)
-    parallel.initialize_distributed()
+    if parallel.initialize_distributed() and signal.getsignal(signal.SIGTERM) is _stop:
+        signal.signal(signal.SIGTERM, _stop)  # JAX's preemption notifier took SIGTERM over: ours stops the run
     return args
 
 
@@ -128,19 +131,29 @@ def run_main(body: Callable[[], int]) -> int:
         return body()
     except InputError as e:
         sys.stderr.write(f"error: {e.render(flag)}\n")
-        return EXIT_BAD_INPUT
+        return _leave(EXIT_BAD_INPUT)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2, its line already written)
-        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+        return _leave(e.code if isinstance(e.code, int) else EXIT_BAD_INPUT)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         sys.stderr.write(f"error: {where}{e.strerror or e}\n")
-        return EXIT_ENVIRONMENT
+        return _leave(EXIT_ENVIRONMENT)
     except KeyboardInterrupt as e:
         sys.stderr.write("interrupted: no output of this run was written; a stage run with --checkpoint_every "
                          "continues with --resume\n")
-        return 128 + getattr(e, "signum", signal.SIGINT)
+        return _leave(128 + getattr(e, "signum", signal.SIGINT))
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _leave(code: int) -> int:
+    """``code``; a process of a multi-process job that failed exits with it at once: JAX's exit
+    waits at a shutdown barrier for the other processes, which wait in a collective for this one."""
+    if code and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def model_config(name: str) -> DiTConfig:

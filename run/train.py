@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+from jax.experimental import multihost_utils
 
 import sharding
 from hunyuan_tpu import attention, parallel
@@ -116,11 +117,16 @@ def pick(args: argparse.Namespace, key: str, default):
 
 
 def demo_data(folder: Path) -> Path:
-    if (folder / "dataset.json").exists():
-        return folder
-    config = model_config("tiny")
-    samples, empty = training_samples(config, count=DEMO_DATA["count"], latent=DEMO_DATA["latent"], seed=0)
-    return write_dataset(folder, samples, shard_size=8, empty_prompt=empty)
+    """The demo's dataset, written by process 0 first; a host that does not see its copy then
+    (a pod's own disk) writes the same one."""
+    for writer in (True, False):
+        if writer == (jax.process_index() == 0) and not (folder / "dataset.json").exists():
+            samples, empty = training_samples(model_config("tiny"), count=DEMO_DATA["count"],
+                                              latent=DEMO_DATA["latent"], seed=0)
+            write_dataset(folder, samples, shard_size=8, empty_prompt=empty)
+        if jax.process_count() > 1 and writer:
+            multihost_utils.sync_global_devices("demo data written")
+    return folder
 
 
 def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> tuple[RunSettings, DiTConfig]:

@@ -44,11 +44,13 @@ def call(script: str, *args, devices: int = 1, check: bool = True) -> Result:
 
 
 def environment(devices: int = 1, **extra: str) -> dict[str, str]:
-    """This process's environment for a subprocess with ``devices`` CPU devices."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """This process's environment for a subprocess with ``devices`` CPU devices (and this
+    process's other XLA flags, so that both compile alike)."""
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return {**env, **extra}
+        flags.append(f"{count}={devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
 
 
 def command(script: str, *args) -> list[str]:

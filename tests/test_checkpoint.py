@@ -138,3 +138,39 @@ def test_missing_path_and_empty_folder(tmp_path):
 def test_save_leaves_no_temporary_files(model, tmp_path):
     save_transformer(model, tmp_path / "out", max_shard_bytes=200_000)
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
+
+
+def test_safetensors_written_a_tensor_at_a_time(tmp_path):
+    """files.safetensors_writer: what safetensors reads back, bfloat16 and 0-d included; a tensor
+    out of order or one never written leaves no file."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors import safe_open
+
+    from hunyuan_tpu.files import safetensors_writer
+
+    tensors = {"b.weight": np.arange(15, dtype=np.float32).reshape(3, 5),
+               "a.bias": np.linspace(-1, 1, 7).astype(ml_dtypes.bfloat16), "count": np.array(3, np.int32)}
+    layout = {k: (v.shape, v.dtype) for k, v in tensors.items()}
+    path = tmp_path / "w.safetensors"
+    with safetensors_writer(path, layout, {"note": "x"}) as write:
+        for name, value in tensors.items():
+            write(name, value)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"note": "x", "format": "pt"}
+        read = {k: f.get_tensor(k) for k in f.keys()}
+    assert read["b.weight"].numpy().tolist() == tensors["b.weight"].tolist()
+    assert read["a.bias"].dtype == torch.bfloat16
+    assert read["a.bias"].float().numpy().tolist() == tensors["a.bias"].astype(np.float32).tolist()
+    assert read["count"].shape == () and int(read["count"]) == 3
+
+    for bad in ("order", "missing"):
+        target = tmp_path / f"{bad}.safetensors"
+        with pytest.raises(ValueError, match="tensor count .* written where the layout has b.weight"
+                           if bad == "order" else "tensors never written: count"):
+            with safetensors_writer(target, layout) as write:
+                if bad == "order":
+                    write("count", tensors["count"])
+                write("b.weight", tensors["b.weight"])
+                write("a.bias", tensors["a.bias"])
+        assert not target.exists() and not list(tmp_path.glob(f".{bad}*"))

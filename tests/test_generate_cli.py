@@ -177,28 +177,34 @@ def test_generate_checks_every_stage_before_running_any(flags, message, tmp_path
     _bad("generate.py", ["--output_dir", tmp_path / "out"], "--prompt is missing", tmp_path / "out")
 
 
-@pytest.mark.parametrize("script,message", [
-    ("stage1_text_encoder.py", r"out/embeddings.safetensors: File too large"),
-    ("stage2_transformer.py", r"out/latents.safetensors: File too large"),
-    ("stage3_vae_decoder.py", r"video.mp4: the video writer wrote \d+ of 49 frames"),
-    ("generate.py", r"out/embeddings.safetensors: File too large"),  # not its work folder, which is gone
-])
-def test_full_disk_is_one_line_and_leaves_no_output(script, message, default_run, tmp_path):
+FULL_DISK = {
+    "stage1_text_encoder.py": r"out/embeddings.safetensors: File too large",
+    "stage2_transformer.py": r"out/latents.safetensors: File too large",
+    "stage3_vae_decoder.py": r"video.mp4: the video writer wrote \d+ of 49 frames",
+    "generate.py": r"out/embeddings.safetensors: File too large",  # not its work folder, which is gone
+}
+
+
+def test_full_disk_is_one_line_and_leaves_no_output(default_run, tmp_path):
     """A file-size limit (as a full disk does) makes a write fail: exit 1, one line naming the
     file, and no output under its final name (stage 3: ffmpeg's failure is caught by reading the
-    video back)."""
-    out = tmp_path / "out"
-    if script.startswith(("stage2", "stage3")):
-        args = ["--input_dir", default_run[0], *(["--num_inference_steps", 2] if script.startswith("stage2") else [])]
-    else:
-        args = ["--prompt", PROMPT]
-    command = cli_runner.command(script, *args, "--output_dir", out)
-    # files of at most 8 KiB (bash's ulimit -f counts KiB), for the process and its ffmpeg
-    proc = subprocess.run(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *command], capture_output=True,
-                          text=True, timeout=300, env=cli_runner.environment())
-    assert proc.returncode == 1, proc.stderr
-    assert re.search("^error: .*" + message, proc.stderr.strip().splitlines()[-1]), proc.stderr
-    assert not out.exists() and not list(tmp_path.glob(".out.tmp*"))
+    video back). The four scripts run side by side."""
+    running = {}
+    for script in FULL_DISK:
+        folder = tmp_path / script.removesuffix(".py")
+        args = ["--prompt", PROMPT] if not script.startswith(("stage2", "stage3")) else \
+            ["--input_dir", default_run[0], *(["--num_inference_steps", 2] if script.startswith("stage2") else [])]
+        command = cli_runner.command(script, *args, "--output_dir", folder / "out")
+        # files of at most 8 KiB (bash's ulimit -f counts KiB), for the process and its ffmpeg
+        running[script] = subprocess.Popen(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *command],
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           env=cli_runner.environment())
+    for script, proc in running.items():
+        _, stderr = proc.communicate(timeout=300)
+        folder = tmp_path / script.removesuffix(".py")
+        assert proc.returncode == 1, (script, stderr)
+        assert re.search("^error: .*" + FULL_DISK[script], stderr.strip().splitlines()[-1]), (script, stderr)
+        assert not (folder / "out").exists() and not list(folder.glob(".out.tmp*")), script
 
 
 def test_stage3_bad_input(default_run, tmp_path):
