@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
-
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file

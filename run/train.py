@@ -117,15 +117,20 @@ def pick(args: argparse.Namespace, key: str, default):
 
 
 def demo_data(folder: Path) -> Path:
-    """The demo's dataset, written by process 0 first; a host that does not see its copy then
-    (a pod's own disk) writes the same one."""
-    for writer in (True, False):
-        if writer == (jax.process_index() == 0) and not (folder / "dataset.json").exists():
+    """The demo's dataset. On several processes, process 0 writes it first; a host that then still
+    sees none (a pod host's own disk) writes the same one."""
+    def write() -> None:
+        if not (folder / "dataset.json").exists():
             samples, empty = training_samples(model_config("tiny"), count=DEMO_DATA["count"],
                                               latent=DEMO_DATA["latent"], seed=0)
             write_dataset(folder, samples, shard_size=8, empty_prompt=empty)
-        if jax.process_count() > 1 and writer:
-            multihost_utils.sync_global_devices("demo data written")
+
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("demo data written")
+        if jax.process_index() != 0:
+            write()
     return folder
 
 
