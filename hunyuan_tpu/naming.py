@@ -10,6 +10,7 @@ loader's key check reports them as unexpected.
 from __future__ import annotations
 
 import re
+from typing import Callable, Iterable
 
 import torch
 
@@ -116,26 +117,42 @@ def official_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def diffusers_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers state dict to the official names (fuse refiner qkv, swap final modulation)."""
-    out: dict[str, torch.Tensor] = {}
+def official_sources(names: Iterable[str]) -> dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]]:
+    """For a diffusers checkpoint's tensor ``names``: each official name, the diffusers tensors it
+    is made from and how (renamed as it is, the refiner's q/k/v concatenated, the final
+    modulation's halves swapped), so that a loader can read one official tensor at a time."""
+    plan: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]] = {}
     qkv_parts: dict[tuple[str, str], dict[str, str]] = {}
-    for name, tensor in state_dict.items():
+    for name in names:
         part = _REFINER_QKV_PART.fullmatch(name)
         if part:
             block, which, leaf = part.groups()
             qkv_parts.setdefault((block, leaf), {})[which] = name
         elif name.rpartition(".")[0] == _FINAL_MOD[1]:
-            out[_FINAL_MOD[0] + "." + name.rpartition(".")[2]] = _swap_halves(tensor)
+            plan[_FINAL_MOD[0] + "." + name.rpartition(".")[2]] = ((name,), _swap_halves)
         else:
-            out[_rename(name, _DIFFUSERS_TO_OFFICIAL) or name] = tensor
+            plan[_rename(name, _DIFFUSERS_TO_OFFICIAL) or name] = ((name,), _same)
     for (block, leaf), parts in qkv_parts.items():
         if len(parts) == 3:
-            fused = torch.cat([state_dict[parts[p]] for p in "qkv"], dim=0)
-            out[_REFINER[0].replace("{i}", block) + f"self_attn_qkv.{leaf}"] = fused
+            official = _REFINER[0].replace("{i}", block) + f"self_attn_qkv.{leaf}"
+            plan[official] = (tuple(parts[p] for p in "qkv"), _concatenated)
         else:  # an incomplete triple cannot be fused; leave it for the key check to report
-            out.update({n: state_dict[n] for n in parts.values()})
-    return out
+            plan.update({n: ((n,), _same) for n in parts.values()})
+    return plan
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _concatenated(*parts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts, dim=0)
+
+
+def diffusers_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers state dict to the official names (fuse refiner qkv, swap final modulation)."""
+    return {name: make(*(state_dict[s] for s in sources))
+            for name, (sources, make) in official_sources(state_dict).items()}
 
 
 def official_module(diffusers_module: str) -> tuple[str, str] | None:

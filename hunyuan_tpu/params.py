@@ -16,10 +16,10 @@ import torch
 from jax.sharding import Sharding
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, check_state_dict, checkpoint_files, load_transformer
+from .checkpoint import CheckpointError, check_state_dict, checkpoint_files
 from .config import DiTConfig
 from .model import Execution, HunyuanVideo15DiT
-from .naming import is_diffusers_naming
+from .naming import is_diffusers_naming, official_sources
 from .random_init import trained_scale_values
 from .runtime import JaxParams, device_array, to_host_array
 
@@ -47,8 +47,8 @@ def checkpoint_params(
 ) -> JaxParams:
     """A checkpoint's tensors as device arrays; each device reads only its own slice.
 
-    diffusers-named checkpoints need renaming, fusing and reordering of whole tensors, so they
-    are read on the host once (``load_transformer``) and then placed.
+    A diffusers-named checkpoint's tensors are renamed, and a few fused or reordered
+    (``naming.official_sources``): those are read whole, one official tensor at a time.
     """
     shardings = shardings or {}
     files = checkpoint_files(path)
@@ -59,13 +59,17 @@ def checkpoint_params(
             raise CheckpointError(f"{path}: cannot read safetensors header (truncated or corrupt?): {e}") from None
         where = {name: h for h in handles for name in h.keys()}
         file_of = {name: f for f, h in zip(files, handles) for name in h.keys()}
-        if is_diffusers_naming(where):
-            model = load_transformer(path, config, dtype)
-            return {name: device_array(t, shardings.get(name)) for name, t in model.state_dict().items()}
-        shapes = {name: torch.empty(h.get_slice(name).get_shape(), device="meta") for name, h in where.items()}
+        stored = {name: torch.empty(h.get_slice(name).get_shape(), device="meta") for name, h in where.items()}
+        plan = official_sources(where) if is_diffusers_naming(where) else \
+            {name: ((name,), None) for name in where}
+        shapes = {name: make(*(stored[s] for s in sources)) if make else stored[sources[0]]
+                  for name, (sources, make) in plan.items()}
         check_state_dict(shapes, config, str(path))
 
         def read(name: str, sharding: Sharding | None) -> jax.Array:
+            sources, make = plan[name]
+            if make is not None:
+                return device_array(make(*(where[s].get_tensor(s) for s in sources)).to(dtype), sharding)
             if sharding is None:
                 return device_array(where[name].get_tensor(name).to(dtype), None)
             cache: dict = {}
@@ -83,7 +87,8 @@ def checkpoint_params(
             try:
                 params[name] = read(name, shardings.get(name))
             except Exception as e:
-                raise CheckpointError(f"{file_of[name]}: cannot read tensor {name} (truncated or corrupt?): {e}") from None
+                file = file_of[plan[name][0][0]]
+                raise CheckpointError(f"{file}: cannot read tensor {name} (truncated or corrupt?): {e}") from None
         return params
 
 

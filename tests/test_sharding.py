@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import PartitionSpec as P
+from safetensors.torch import save_file
 
 import sharding
 from hunyuan_tpu import hlo, parallel, pipeline
@@ -19,6 +20,7 @@ from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.model import Execution, HunyuanVideo15DiT
+from hunyuan_tpu.naming import official_to_diffusers
 from hunyuan_tpu.params import checkpoint_params, random_params
 from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.synthetic import random_inputs, stage1_embeddings
@@ -132,6 +134,14 @@ def test_checkpoint_loads_into_slices(tmp_path):
     for shard in shards:
         np.testing.assert_array_equal(np.asarray(shard.data), state[name].numpy()[shard.index])
     for k, v in params.items():
+        np.testing.assert_array_equal(np.asarray(v), state[k].numpy())
+    # diffusers' names: renamed, the refiner's q/k/v fused and the final modulation swapped, one
+    # tensor at a time, and placed by the same table
+    save_file(official_to_diffusers(state), str(tmp_path / "diffusers.safetensors"))
+    renamed = checkpoint_params(tmp_path / "diffusers.safetensors", cfg, torch.float32, shardings)
+    assert renamed.keys() == params.keys()
+    for k, v in renamed.items():
+        assert v.sharding == params[k].sharding, k
         np.testing.assert_array_equal(np.asarray(v), state[k].numpy())
 
 
