@@ -7,7 +7,8 @@ and 2 processes of this machine.
 
 The state is a full fine-tune's: float32 weights and AdamW's two moments, split over 8 CPU
 devices by the fsdp strategy (1 process x 8 devices, or 2 processes x 4, run as a job by
-``hunyuan_tpu.launch``). For each way: the seconds until the save returns and until it is on
+``hunyuan_tpu.launch``; every job has the machine's CPUs, and the two ways take turns, job by
+job). For each way: the seconds until the save returns and until it is on
 disk, the seconds of a restore onto the same placement, and the peak of each process's resident
 memory above what it held before (sampled every 5 ms from /proc/self/statm; the largest of the
 processes). The gathered way writes two safetensors files from process 0 and restores by reading
@@ -26,6 +27,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import timing
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,9 +106,8 @@ def gathered_restore(folder: Path, trainable, opt_state):
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """In each process of the job: one way's save (``--phase save``) or restore, ``--repeats``
-    times; the shortest time and the largest peak. A job does one phase of one way, so that no freed buffer of another
-    phase hides a peak."""
+    """In each process of the job: one save (``--phase save``) or restore of one way. A job does
+    one phase of one way, so that no freed buffer of another phase hides a peak."""
     import gc
 
     import jax
@@ -121,37 +123,31 @@ def measure(args: argparse.Namespace) -> dict:
     sync = lambda name: multihost_utils.sync_global_devices(name) if jax.process_count() > 1 else None  # noqa: E731
     out: dict[str, float] = {"state_mb": sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20,
                              "own_shards_mb": shards / 2**20}
-
-    def record(key: str, value: float) -> None:  # the fastest time, the largest peak
-        pick = max if key.endswith("_mb") else min
-        out[key] = pick(out.get(key, value), value)
-
-    for repeat in range(args.repeats):
-        target = Path(args.folder) / f"{args.way}_{repeat}"
-        checkpoints = Checkpoints(target, keep=1) if args.way == "orbax" else None
-        sync(f"{repeat} start")
-        with PeakMemory() as memory:
-            begin = time.perf_counter()
-            if args.phase == "save" and checkpoints:
-                checkpoints.save(RunPosition(1, 1, 0, "bench"), state.trainable, state.opt_state)
-                record("save_returns_s", time.perf_counter() - begin)
-                checkpoints.wait()
-            elif args.phase == "save":
-                if jax.process_index() == 0:
-                    target.mkdir(parents=True, exist_ok=True)
-                gathered_save(target, state.trainable, state.opt_state)
-            elif checkpoints:
-                restored = checkpoints.restore(1, state.trainable, state.opt_state)
-            else:
-                restored = gathered_restore(target, state.trainable, state.opt_state)
-            if args.phase == "restore":
-                jax.block_until_ready(restored)
-                del restored
-            sync(f"{repeat} done")
-            record(f"{args.phase}_s", time.perf_counter() - begin)
-        record(f"{args.phase}_peak_mb", memory.extra / 2**20)
-        if checkpoints:
-            checkpoints.close()
+    target = Path(args.folder) / args.way
+    checkpoints = Checkpoints(target, keep=1) if args.way == "orbax" else None
+    sync("start")
+    with PeakMemory() as memory:
+        begin = time.perf_counter()
+        if args.phase == "save" and checkpoints:
+            checkpoints.save(RunPosition(1, 1, 0, "bench"), state.trainable, state.opt_state)
+            out["save_returns_s"] = time.perf_counter() - begin
+            checkpoints.wait()
+        elif args.phase == "save":
+            if jax.process_index() == 0:
+                target.mkdir(parents=True, exist_ok=True)
+            gathered_save(target, state.trainable, state.opt_state)
+        elif checkpoints:
+            restored = checkpoints.restore(1, state.trainable, state.opt_state)
+        else:
+            restored = gathered_restore(target, state.trainable, state.opt_state)
+        if args.phase == "restore":
+            jax.block_until_ready(restored)
+            del restored
+        sync("done")
+        out[f"{args.phase}_s"] = time.perf_counter() - begin
+    out[f"{args.phase}_peak_mb"] = memory.extra / 2**20
+    if checkpoints:
+        checkpoints.close()
     return out
 
 
@@ -159,7 +155,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="turns of the two ways (default: %(default)s)")
+    p.add_argument("--allow_busy", action="store_true",
+                   help=f"measure even when the load average is over {timing.BUSY_LOAD}, marking the results BUSY")
     p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)  # a process of the job: results here
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--way", choices=("gathered", "orbax"), help=argparse.SUPPRESS)
@@ -174,13 +172,14 @@ def main() -> None:
 
     from hunyuan_tpu.launch import Job
 
+    quiet = timing.check_quiet(args.allow_busy)
+
     def job(processes: int, way: str, phase: str, scratch: Path) -> dict:
         result = scratch / f"{way}_{phase}_{processes}.json"
         command = [sys.executable, __file__, "--hidden", str(args.hidden), "--depth", str(args.depth),
-                   "--repeats", str(args.repeats), "--worker", str(result), "--way", way, "--phase", phase,
-                   "--folder", str(scratch / f"ckpt{processes}")]
-        running = Job(command, processes, cpu_devices=8 // processes, logs=scratch / "logs", echo=False)
-        ended = running.wait(1800)
+                   "--worker", str(result), "--way", way, "--phase", phase, "--folder", str(scratch / "ckpt")]
+        running = Job(command, processes, cpu_devices=8 // processes, logs=scratch / "logs", echo=False, timeout=1800)
+        ended = running.wait()
         running.close()
         if ended.returncode:
             raise SystemExit(f"{way} {phase} on {processes} process(es): {ended.message}")
@@ -190,16 +189,22 @@ def main() -> None:
             merged[key] = max(e[key] for e in each)
         return merged
 
-    rows = []
+    # the two ways take turns, save and restore, repeat by repeat; the fastest time, the largest peak
+    rows: dict[tuple[int, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="checkpoint_io_") as scratch:
-        for processes in (1, 2):
-            for way in ("gathered", "orbax"):
-                saved = job(processes, way, "save", Path(scratch))
-                rows.append((processes, way, {**saved, **job(processes, way, "restore", Path(scratch))}))
-            shutil.rmtree(Path(scratch) / f"ckpt{processes}", ignore_errors=True)
+        for _ in range(args.repeats):
+            for processes in (1, 2):
+                for way in ("gathered", "orbax"):
+                    shutil.rmtree(Path(scratch) / "ckpt", ignore_errors=True)
+                    measured = {**job(processes, way, "save", Path(scratch)),
+                                **job(processes, way, "restore", Path(scratch))}
+                    row = rows.setdefault((processes, way), measured)
+                    for key, value in measured.items():
+                        row[key] = (max if key.endswith("_mb") else min)(row[key], value)
+    rows = [(processes, way, r) for (processes, way), r in rows.items()]
     print(f"state: widened tiny, hidden {args.hidden}, {args.depth} double blocks: {rows[0][2]['state_mb']:.0f} MB of "
           f"float32 weights and AdamW moments, fsdp over 8 CPU devices; best time and largest peak of "
-          f"{args.repeats}")
+          f"{args.repeats} turns; {quiet}, {timing.load():.2f} at the end")
     print("| way | processes x devices | a process's shards MB | save returns s | save on disk s | restore s | "
           "save peak MB | restore peak MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -175,15 +175,22 @@ def safetensors_writer(path: str | Path, layout: Mapping[str, tuple[tuple[int, .
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     order = iter(layout.items())
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+
+        def put(data) -> None:
+            try:
+                f.write(data)
+            except OSError as e:  # a full disk: named as the file the user asked for (a write names none)
+                e.filename = str(path)
+                raise
 
         def write(name: str, array: np.ndarray) -> None:
             expected, (shape, dtype) = next(order, (None, (None, None)))
             if (name, array.shape, array.dtype) != (expected, tuple(shape or ()), np.dtype(dtype or np.float32)):
                 raise ValueError(f"{path}: tensor {name} {array.shape} {array.dtype} written where the layout has "
                                  f"{expected} {shape} {dtype}")
-            f.write(np.ascontiguousarray(array).view(np.uint8).data)
+            put(np.ascontiguousarray(array).view(np.uint8).data)
 
+        put(struct.pack("<Q", len(blob)) + blob)
         yield write
         missing = [name for name, _ in order]
         if missing:

@@ -75,13 +75,16 @@ class Job:
 
     def __init__(self, command: Sequence[str], processes: int, *, cpu_devices: int | None = None,
                  logs: str | Path | None = None, environ: Mapping[str, str] | None = None, echo: bool = True,
-                 workdirs: Sequence[str | Path] | None = None):
+                 workdirs: Sequence[str | Path] | None = None, timeout: float | None = None):
         if processes < 1:
             raise InputError(f"{{processes}} {processes} must be >= 1")
         if cpu_devices is not None and cpu_devices < 1:
             raise InputError(f"{{cpu_devices}} {cpu_devices} must be >= 1")
         if workdirs is not None and len(workdirs) != processes:
             raise InputError(f"{len(workdirs)} working folders for {processes} processes")
+        if timeout is not None and not timeout > 0:
+            raise InputError(f"{{timeout}} {timeout} must be > 0 seconds")
+        self.timeout = timeout
         self._scratch = None if logs is not None else tempfile.TemporaryDirectory(prefix="launch_logs_")
         self.logs = Path(logs if logs is not None else self._scratch.name)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -103,6 +106,7 @@ class Job:
         except BaseException:
             self.stop()
             raise
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     def stop(self) -> None:
         """SIGTERM to every running process, SIGKILL to those still running ``GRACE_S`` later."""
@@ -117,10 +121,9 @@ class Job:
                 p.kill()
                 p.wait()
 
-    def wait(self, timeout: float | None = None) -> Ended:
+    def wait(self) -> Ended:
         """Until every process has ended, or one fails (the rest are stopped), or ``timeout``
-        seconds pass (all are stopped, exit 124)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        seconds from the start pass (all are stopped, exit 124)."""
         try:
             while True:
                 codes = [p.poll() for p in self.processes]
@@ -134,9 +137,9 @@ class Job:
                                  failed)
                 if all(c == 0 for c in codes):
                     return Ended(0, "")
-                if deadline is not None and time.monotonic() > deadline:
+                if self._deadline is not None and time.monotonic() > self._deadline:
                     self.stop()
-                    return Ended(EXIT_TIMEOUT, f"the job ran past {timeout:g} s; every process was stopped")
+                    return Ended(EXIT_TIMEOUT, f"the job ran past {self.timeout:g} s; every process was stopped")
                 time.sleep(0.05)
         except BaseException:  # Ctrl-C in the launcher stops the job, not only the launcher
             self.stop()

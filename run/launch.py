@@ -34,9 +34,9 @@ def build_parser() -> Parser:
 
 def run(args: argparse.Namespace) -> int:
     job = Job([sys.executable, args.script, *args.script_args], args.processes, cpu_devices=args.cpu_devices,
-              logs=args.logs)
+              logs=args.logs, timeout=args.timeout)
     try:
-        ended = job.wait(args.timeout)
+        ended = job.wait()
     finally:
         job.close()
     # process 0's own error line is already on the terminal

@@ -1,6 +1,9 @@
 """Checkpoint loading and saving on small checkpoints with the official names."""
 
+import errno
 import json
+import resource
+import signal
 
 import pytest
 import torch
@@ -174,3 +177,17 @@ def test_safetensors_written_a_tensor_at_a_time(tmp_path):
                 write("b.weight", tensors["b.weight"])
                 write("a.bias", tensors["a.bias"])
         assert not target.exists() and not list(tmp_path.glob(f".{bad}*"))
+
+    # a full disk (a file-size limit here, its signal ignored so that the write fails instead)
+    target = tmp_path / "full.safetensors"
+    previous, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(OSError) as raised:
+            with safetensors_writer(target, {"big": ((64, 64), np.float32)}) as write:
+                write("big", np.zeros((64, 64), np.float32))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert raised.value.filename == str(target) and raised.value.errno == errno.EFBIG
+    assert not target.exists() and not list(tmp_path.glob(".full*"))

@@ -35,11 +35,11 @@ ONE_BLOCK = dataclasses.replace(CFG, mm_double_blocks_depth=1)
 
 def job(script: str, *args, processes: int = 2, cpu_devices: int = 4, workdirs=None, logs: Path) -> Job:
     return Job(cli_runner.command(script, *args), processes, cpu_devices=cpu_devices, logs=logs, echo=False,
-               workdirs=workdirs, environ=cli_runner.environment())
+               workdirs=workdirs, environ=cli_runner.environment(), timeout=TIMEOUT)
 
 
 def finish(running: Job) -> None:
-    ended = running.wait(TIMEOUT)
+    ended = running.wait()
     running.close()
     assert ended.returncode == 0, ended.message + "\n" + (running.logs / "process_0.err").read_text()[-3000:]
 
@@ -96,7 +96,7 @@ def test_a_failing_process_fails_the_job(hosts, tmp_path, failing):
     running = job(STAGE2, "--input_dir", "in", "--output_dir", "out", "--num_inference_steps", 4, workdirs=workdirs,
                   logs=tmp_path / "logs")
     begin = time.monotonic()
-    ended = running.wait(TIMEOUT)
+    ended = running.wait()
     running.close()
     assert ended.returncode == 2 and ended.process == failing, ended
     assert ended.message.startswith(f"process {failing} of 2 exited with 2: error: ") and \
@@ -116,7 +116,7 @@ def test_a_process_killed_mid_run_stops_the_job(hosts, tmp_path):
         time.sleep(0.05)
     running.processes[1].send_signal(signal.SIGKILL)
     begin = time.monotonic()
-    ended = running.wait(TIMEOUT)
+    ended = running.wait()
     running.close()
     assert (ended.returncode, ended.message) == (137, "process 1 of 2 was killed by signal 9 (SIGKILL)")
     assert time.monotonic() - begin < 30
@@ -191,17 +191,30 @@ def test_job_timeout_and_signals_are_reported(tmp_path):
     script.write_text("import os, signal, sys, time\n"
                       "if os.environ['JAX_PROCESS_ID'] == '1': os.kill(os.getpid(), signal.SIGKILL)\n"
                       "time.sleep(60)\n")
-    running = Job(["python3", str(script)], 2, logs=tmp_path, echo=False)
-    ended = running.wait(30)
+    running = Job(["python3", str(script)], 2, logs=tmp_path, echo=False, timeout=30)
+    ended = running.wait()
     running.close()
     assert (ended.returncode, ended.process) == (128 + signal.SIGKILL, 1)
     assert ended.message == "process 1 of 2 was killed by signal 9 (SIGKILL)"
     script.write_text("import time\ntime.sleep(60)\n")
-    running = Job(["python3", str(script)], 2, logs=tmp_path, echo=False)
-    ended = running.wait(0.5)
+    running = Job(["python3", str(script)], 2, logs=tmp_path, echo=False, timeout=0.5)
+    ended = running.wait()
     running.close()
     assert ended.returncode == 124 and "ran past 0.5 s" in ended.message
     assert all(p.poll() is not None for p in running.processes)
+
+
+def test_launcher_bad_flags_are_one_line(tmp_path):
+    """Refused before any process starts: exit 2, one line naming the flag."""
+    script = tmp_path / "never.py"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    for flags, message in ((["--processes", 0], "--processes 0 must be >= 1"),
+                           (["--cpu_devices", 0], "--cpu_devices 0 must be >= 1"),
+                           (["--timeout", -1], "--timeout -1.0 must be > 0 seconds"),
+                           (["--timeout", "nan"], "--timeout nan must be > 0 seconds")):
+        proc = cli_runner.call("launch.py", *flags, "--logs", tmp_path / "logs", script, check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"], proc.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 def test_distributed_environment_is_checked():

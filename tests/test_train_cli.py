@@ -78,6 +78,18 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
         assert checkpoints.latest() == 2
 
 
+def test_checkpoint_of_an_older_version_is_refused_by_name(tmp_path):
+    """This project's checkpoints before orbax (safetensors files and state.json)."""
+    old = tmp_path / "checkpoints" / "step_000008"
+    old.mkdir(parents=True)
+    (old / "state.json").write_text(json.dumps({"step": 8, "data_position": 8, "seed": 0, "fingerprint": "x"}))
+    (old / "trainable.safetensors").write_bytes(b"")
+    with Checkpoints(tmp_path / "checkpoints", keep=3) as checkpoints:
+        assert checkpoints.latest() == 8
+        with pytest.raises(InputError, match=r"step_000008: not a training checkpoint of this version"):
+            checkpoints.read_position(8)
+
+
 def test_bad_input_is_one_line(data, one_block, tmp_path):
     cases = [
         (["--data", tmp_path / "none"], "no such dataset folder"),
