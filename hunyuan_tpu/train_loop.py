@@ -1,6 +1,6 @@
 """A training run: data in order, one compiled step per update, checkpoints, validation, logs.
 
-    <output>/metrics.jsonl        one line per update: step, loss, grad_norm, lr, seconds
+    <output>/metrics.jsonl        one line per update: step, loss, grad_norm, lr, seconds, bucket
     <output>/loss_curve.png       the loss per update and its running mean
     <output>/checkpoints/         see ``training_checkpoint`` (orbax); ``resume`` continues from the newest
     <output>/validation/          step_<n>.safetensors: latents sampled with the weights at update n
@@ -83,7 +83,7 @@ class RunSettings:
             "optimizer": dataclasses.asdict(self.optimizer),
             "lora": dataclasses.asdict(self.lora) if self.lora else None,
             "batch_size": self.batch_size, "accumulation": self.accumulation, "seed": self.seed,
-            "data": {"shards": data.shards, "shapes": data.shapes},
+            "data": data.fingerprint,
         }
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
@@ -93,10 +93,12 @@ class Summary:
     steps_run: int
     first_step: int
     final_loss: float
-    compile_s: float
+    compile_s: float  # every bucket's step
     mean_step_s: float
     total_s: float
     final: Path
+    compiles: int = 0  # steps compiled: one per bucket met
+    buckets: dict[str, int] = dataclasses.field(default_factory=dict)  # updates per bucket in this run
 
 
 class Validation:
@@ -109,7 +111,8 @@ class Validation:
     def __init__(self, settings: RunSettings, config: DiTConfig, data: TrainingData):
         self.settings, self.config, self.data = settings, config, data
         self.denoiser: pipeline.Denoiser | None = None
-        self.noise = pipeline.initial_noise(settings.seed, data.latent_shape[1:])
+        self.shape = data.bucket_of(0).latent_shape[1:]  # the first sample's text, at its own size
+        self.noise = pipeline.initial_noise(settings.seed, self.shape)
 
     def __call__(self, params: JaxParams, step: int, folder: Path, writer: bool) -> None:
         s = self.settings
@@ -120,7 +123,7 @@ class Validation:
             embeddings = {k: sample[k] for k in TEXT_KEYS}
             for k in list(embeddings):
                 embeddings["negative_" + k] = empty[k] if empty is not None else embeddings[k]
-            shape = self.data.latent_shape[1:]
+            shape = self.shape
             sampling = dataclasses.replace(pipeline.default_sampling(self.config),
                                            num_inference_steps=s.validation_steps, guidance_scale=guidance)
             conditions = pipeline.build_conditions(embeddings, task="t2v", shape=shape, cfg=sampling.cfg)
@@ -212,7 +215,8 @@ class _Session:
 def _build(s: RunSettings, config: DiTConfig, log: Callable[[str], None]) -> _Session:
     """The data, the trainer and the state on device at update 0."""
     data = TrainingData(s.data, config)
-    order = DataOrder(data.num_samples, s.batch_size * s.accumulation, s.seed)
+    order = DataOrder(data.bucket_sizes, s.batch_size * s.accumulation, s.seed)
+
     if s.objective.text_dropout > 0 and data.empty_prompt() is None:
         raise InputError(f"{{text_dropout}} {s.objective.text_dropout} needs {s.data}/empty_prompt.safetensors "
                          "(the stage-1 encoding of the empty prompt)")
@@ -251,6 +255,15 @@ def _resume(s: RunSettings, run: _Session, checkpoints: ckpt.Checkpoints, log: C
     log(f"resuming at update {run.step} of {s.optimizer.total_steps} from {found}")
 
 
+def _describe_data(run: _Session, log: Callable[[str], None]) -> None:
+    log("data: " + ", ".join(f"{b.name} ({b.samples})" for b in run.data.buckets)
+        + f" -> {run.order.per_epoch} updates per epoch")
+    for bucket in run.data.buckets:
+        if bucket.samples < run.order.batch:
+            log(f"warning: bucket {bucket.name} has {bucket.samples} samples, fewer than an update's "
+                f"{run.order.batch}: not trained on")
+
+
 def _start_metrics(out: Path, run: _Session, writer: bool) -> None:
     """metrics.jsonl as of the run's update: a resumed run drops what the interrupted one
     logged after its last checkpoint."""
@@ -263,22 +276,40 @@ def _start_metrics(out: Path, run: _Session, writer: bool) -> None:
         tmp.replace(path)
 
 
-def _loop(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Checkpoints, batch: dict,
-          empty: dict | None, writer: bool) -> list[float]:
-    """The updates from ``run.step`` to the last; returns each one's seconds."""
+@dataclasses.dataclass
+class _Batch:
+    bucket: str
+    arrays: dict
+
+
+def _next_batch(run: _Session, position: int) -> _Batch:
+    indices = run.order.indices(position)
+    return _Batch(run.data.bucket_of(int(indices[0])).name, run.trainer.place_batch(run.data.read(indices)))
+
+
+def _loop(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Checkpoints, empty: dict | None,
+          writer: bool) -> tuple[list[float], list[float]]:
+    """The updates from ``run.step`` to the last; returns each one's seconds and each compile's
+    (a bucket's step compiles before that bucket's first update, outside its seconds)."""
     out, trainer = Path(s.output_dir), run.trainer
     metrics_path = out / METRICS
     validation = Validation(s, config, run.data)
     title = f"{'LoRA' if s.lora else 'full'} training of {Path(s.model).name}, {s.optimizer.name}"
-    seconds = []
+    seconds, compiles = [], []
+    batch = _next_batch(run, run.position)
     bar = tqdm(total=s.optimizer.total_steps, initial=run.step, desc="train", unit="update",
                disable=not (writer and s.progress))
     with bar, open(metrics_path, "a") if writer else open(os.devnull, "w") as metrics_file:
         while run.step < s.optimizer.total_steps:
+            if not trainer.compiled_for(batch.arrays):
+                begin = time.perf_counter()
+                trainer.compile(run.state, run.frozen, batch.arrays, empty)
+                compiles.append(time.perf_counter() - begin)
             begin = time.perf_counter()
-            run.state, metrics = trainer.step(run.state, run.frozen, batch, empty, step_key(s.seed, run.step))
+            run.state, metrics = trainer.step(run.state, run.frozen, batch.arrays, empty, step_key(s.seed, run.step))
+            bucket = batch.bucket
             if run.step + 1 < s.optimizer.total_steps:  # read the next batch while the step runs
-                batch = trainer.place_batch(run.data.read(run.order.indices(run.position + 1)))
+                batch = _next_batch(run, run.position + 1)
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
             seconds.append(time.perf_counter() - begin)
             if not math.isfinite(loss):
@@ -290,7 +321,7 @@ def _loop(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Ch
                                  "extreme values or lower {learning_rate}.")
             run.step, run.position = run.step + 1, run.position + 1
             row = {"step": run.step, "loss": loss, "grad_norm": grad_norm,
-                   "lr": float(trainer.schedule(run.step - 1)), "seconds": round(seconds[-1], 4)}
+                   "lr": float(trainer.schedule(run.step - 1)), "seconds": round(seconds[-1], 4), "bucket": bucket}
             run.rows.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
@@ -305,7 +336,7 @@ def _loop(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Ch
                 validation(trainer.inference_params(run.state, run.frozen), run.step, out / "validation", writer)
     if writer and run.rows:
         plot_loss(run.rows, out / LOSS_CURVE, title)
-    return seconds
+    return seconds, compiles
 
 
 def _run_record(s: RunSettings, summary: Summary) -> dict:
@@ -332,6 +363,7 @@ def train(settings: RunSettings, config: DiTConfig, log: Callable[[str], None] =
     with contextlib.ExitStack() as stack:
         checkpoints = stack.enter_context(ckpt.Checkpoints(out / "checkpoints", s.keep_checkpoints))
         _resume(s, run, checkpoints, log)
+        _describe_data(run, log)
         # from here on the run writes into its folder: another run there is refused, a killed one's temporaries go
         if writer:
             stack.enter_context(locked_folder(out))
@@ -347,16 +379,16 @@ def _run(s: RunSettings, config: DiTConfig, run: _Session, checkpoints: ckpt.Che
     if empty is not None:
         empty = jax.device_put(empty, s.placement.replicated) if s.objective.text_dropout > 0 else None
     first = run.step
-    batch = run.trainer.place_batch(run.data.read(run.order.indices(run.position)))
-    compile_begin = time.perf_counter()
-    run.trainer.compile(run.state, run.frozen, batch, empty)
-    compile_s = time.perf_counter() - compile_begin
-    seconds = _loop(s, config, run, checkpoints, batch, empty, writer)
+    seconds, compiles = _loop(s, config, run, checkpoints, empty, writer)
     final = _write_final(s, config, run.state.trainable, out / "final", writer)
+    mix: dict[str, int] = {}
+    for row in run.rows:
+        if row["step"] > first:
+            mix[row["bucket"]] = mix.get(row["bucket"], 0) + 1
     summary = Summary(
         steps_run=len(seconds), first_step=first, final_loss=run.rows[-1]["loss"] if run.rows else float("nan"),
-        compile_s=compile_s, mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
-        total_s=time.perf_counter() - started, final=final,
+        compile_s=sum(compiles), mean_step_s=float(np.mean(seconds)) if seconds else 0.0,
+        total_s=time.perf_counter() - started, final=final, compiles=len(compiles), buckets=mix,
     )
     if writer:
         write_json(out / "run.json", _run_record(s, summary))

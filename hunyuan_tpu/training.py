@@ -142,7 +142,8 @@ def state_shardings(abstract_state: Any, params: Mapping[str, jax.Array], replic
 
 
 class Trainer:
-    """A model, its objective and optimizer, on a mesh or one device, with the step compiled once.
+    """A model, its objective and optimizer, on a mesh or one device, with the step compiled once
+    per batch shape (a bucket of the data).
 
     ``lora`` trains an adapter (``lora_lib.init_adapter`` names) on frozen base weights;
     otherwise every parameter trains. ``micro_batch`` samples go through the model at a time
@@ -178,7 +179,7 @@ class Trainer:
         if lora is not None:
             lora_lib.with_lora(model, dict.fromkeys(lora_lib.target_layers(model, lora), lora.rank), lora.scale)
         self.apply = functional(model)
-        self._compiled = None
+        self._compiled: dict[tuple, Callable] = {}
 
     # ---- placement ---------------------------------------------------------------------------
 
@@ -239,7 +240,9 @@ class Trainer:
     def loss(self, trainable: JaxParams, frozen: JaxParams, batch: dict, empty_prompt: dict | None,
              key: jax.Array) -> jax.Array:
         """The objective on one micro-batch."""
-        d = obj.draw(key, self.objective, batch["latents"].shape, i2v_capable="vision_states" in batch)
+        # a one-frame sample (an image) is always t2v, as in the official trainer: its first frame is all of it
+        i2v_capable = "vision_states" in batch and batch["latents"].shape[2] > 1
+        d = obj.draw(key, self.objective, batch["latents"].shape, i2v_capable=i2v_capable)
         inputs = obj.model_inputs(batch, d, empty_prompt if self.objective.text_dropout > 0 else None,
                                   self.compute_dtype)
         prediction = self.apply(self.forward_params(trainable, frozen), **inputs)
@@ -259,23 +262,36 @@ class Trainer:
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(trainable, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    @staticmethod
+    def _signature(batch: Mapping[str, Any]) -> tuple:
+        return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+    def compiled_for(self, batch: Mapping[str, Any]) -> bool:
+        """Whether a batch of this shape has its step compiled already."""
+        return self._signature(batch) in self._compiled
+
+    @property
+    def compiled_shapes(self) -> int:
+        return len(self._compiled)
+
     def compile(self, state: TrainState, frozen: JaxParams, batch: dict, empty_prompt: dict | None) -> Callable:
-        """Trace and compile the step for these placements (once per run); returns it."""
+        """Trace and compile the step for these placements and this batch shape (once per run
+        and bucket); returns it."""
         out_shardings = None
         if self.placement.mesh is not None:
             shardings = TrainState(*jax.tree.map(lambda x: x.sharding, tuple(state)))
             out_shardings = (shardings, self.placement.replicated)
         step = jax.jit(self._step, donate_argnums=0, out_shardings=out_shardings, keep_unused=True)
         with tracing(self.placement.mesh, self.attention):
-            self._compiled = step.lower(state, frozen, batch, empty_prompt, jax.random.key(0)).compile()
-        return self._compiled
+            compiled = step.lower(state, frozen, batch, empty_prompt, jax.random.key(0)).compile()
+        self._compiled[self._signature(batch)] = compiled
+        return compiled
 
     def step(self, state: TrainState, frozen: JaxParams, batch: dict, empty_prompt: dict | None,
              key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update on ``micro_batch * accumulation`` placed samples; ``state`` is donated."""
-        if self._compiled is None:
-            self.compile(state, frozen, batch, empty_prompt)
-        return self._compiled(state, frozen, batch, empty_prompt, key)
+        compiled = self._compiled.get(self._signature(batch)) or self.compile(state, frozen, batch, empty_prompt)
+        return compiled(state, frozen, batch, empty_prompt, key)
 
     # ---- what training produces --------------------------------------------------------------
 

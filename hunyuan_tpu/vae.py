@@ -199,51 +199,75 @@ def _blend_seam(prev: np.ndarray, cur: np.ndarray, extent: int, axis: int) -> No
     cur[tuple(head)] = prev[tuple(tail)] * (1 - w) + cur[tuple(head)] * w
 
 
+def _causal_attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' VAE mid-block attention, with the causal frame mask built by one comparison
+    instead of diffusers' Python loop over every token (which tracing would unroll into one
+    scatter per token: 7,936 per 720p tile). Same math: a token sees its own and earlier frames."""
+    b, c, t, h, w = x.shape
+    y = block.norm(x)
+    q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (block.to_q, block.to_k, block.to_v))
+    frame = torch.arange(t * h * w, device=x.device) // (h * w)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=frame[None, :] <= frame[:, None])
+    out = out[:, 0].transpose(1, 2).reshape(b, c, t, h, w)
+    return block.proj_out(out) + x
+
+
+def _mid_block(mid: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = mid.resnets[0](x)
+    for attention, resnet in zip(mid.attentions, mid.resnets[1:]):
+        x = resnet(_causal_attention(attention, x) if attention is not None else x)
+    return x
+
+
 class StaticShapeDecoder(torch.nn.Module):
-    """diffusers' HunyuanVideo-1.5 VAE decoder, with the mid-block attention's causal frame mask
-    built by one comparison instead of diffusers' Python loop over every token (which tracing
-    would unroll into one scatter per token: 7,936 per 720p tile). Same parameters, same math:
-    a token sees the tokens of its own and earlier latent frames."""
+    """diffusers' HunyuanVideo-1.5 VAE decoder with a traceable mid-block attention
+    (``_causal_attention``): same parameters, same math."""
 
     def __init__(self, decoder: torch.nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    @staticmethod
-    def _attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        y = block.norm(x)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2)[:, None] for proj in (block.to_q, block.to_k, block.to_v))
-        frame = torch.arange(t * h * w, device=x.device) // (h * w)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=frame[None, :] <= frame[:, None])
-        out = out[:, 0].transpose(1, 2).reshape(b, c, t, h, w)
-        return block.proj_out(out) + x
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         x = dec.conv_in(z) + z.repeat_interleave(repeats=dec.repeat, dim=1)
-        mid = dec.mid_block
-        x = mid.resnets[0](x)
-        for attention, resnet in zip(mid.attentions, mid.resnets[1:]):
-            x = resnet(self._attention(attention, x) if attention is not None else x)
+        x = _mid_block(dec.mid_block, x)
         for block in dec.up_blocks:
             x = block(x)
         return dec.conv_out(dec.conv_act(dec.norm_out(x)))
 
 
-# (N, C, T, h, w) latent tiles of one shape -> (N, 3, 4(T-1)+1, 16h, 16w) float32 pixels
-TilesDecoder = Callable[[np.ndarray], np.ndarray]
+class StaticShapeEncoder(torch.nn.Module):
+    """diffusers' HunyuanVideo-1.5 VAE encoder with a traceable mid-block attention: pixels
+    (1, 3, F, H, W) -> posterior moments (1, 2C, T, H/16, W/16), mean then log-variance."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        x = enc.conv_in(x)
+        for block in enc.down_blocks:
+            x = block(x)
+        x = _mid_block(enc.mid_block, x)
+        b, _, t, h, w = x.shape
+        shortcut = x.view(b, -1, enc.group_size, t, h, w).mean(dim=2)
+        return enc.conv_out(enc.conv_act(enc.norm_out(x))) + shortcut
+
+
+# (N, C, T, h, w) tiles of one shape -> the decoder's pixels or the encoder's moments for each, float32
+TileFn = Callable[[np.ndarray], np.ndarray]
 TILE_AXIS = "tiles"
 
 
 def tile_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over ``devices``, its one axis over tiles. ``Mesh`` rather than ``jax.make_mesh``,
     whose axes are Explicit by default in new JAX. The default is all of this process's devices
-    (``jax.devices()`` in a single process): the host reads every tile's pixels back to blend the
-    seams, which it cannot from another host's devices in a multi-host job."""
+    (``jax.devices()`` in a single process): the host reads every tile back to blend the seams,
+    which it cannot from another host's devices in a multi-host job."""
     devices = jax.local_devices() if devices is None else list(devices)
     if not devices:
-        raise InputError("no devices to decode on")
+        raise InputError("no devices to run the VAE on")
     return Mesh(np.array(devices), (TILE_AXIS,))
 
 
@@ -255,16 +279,52 @@ def _replicated_on(x: jax.Array, mesh: Mesh) -> jax.Array:
         x.shape, NamedSharding(mesh, P()), [buffers[d] for d in mesh.devices.flat])
 
 
-def tiles_program(apply: Callable, mesh: Mesh) -> Callable:
-    """``apply(params, z)``, a decoder on one (1, C, T, h, w) tile, jitted over a stack of
-    ``mesh.size`` tiles split on the mesh: each device decodes its own tile with its own copy of
-    the weights, and nothing crosses devices."""
-    def decode_tile(params: JaxParams, z: jax.Array) -> jax.Array:  # named for compile logs: jit(decode_tile)
-        return apply(params, z)
-    return jax.jit(jax.shard_map(decode_tile, mesh=mesh, in_specs=(P(), P(TILE_AXIS)), out_specs=P(TILE_AXIS)))
+def tiles_program(apply: Callable, mesh: Mesh, name: str = "decode_tile") -> Callable:
+    """``apply(params, x)``, a decoder or encoder on one (1, C, T, h, w) tile, jitted over a stack
+    of ``mesh.size`` tiles split on the mesh: each device runs its own tile with its own copy of
+    the weights, and nothing crosses devices. ``name`` is the program's in compile logs."""
+    def tile(params: JaxParams, x: jax.Array) -> jax.Array:
+        return apply(params, x)
+    tile.__name__ = tile.__qualname__ = name
+    return jax.jit(jax.shard_map(tile, mesh=mesh, in_specs=(P(), P(TILE_AXIS)), out_specs=P(TILE_AXIS)))
 
 
-def tile_decoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | None = None) -> TilesDecoder:
+def _tile_runner(eager: torch.nn.Module, static: torch.nn.Module, dtype: torch.dtype, backend: Backend,
+                 devices: Sequence[jax.Device] | None, name: str) -> TileFn:
+    """``run_tiles(x)``: ``eager`` (torch) or ``static`` (jax) on a stack of same-shape tiles."""
+    if backend == "torch":
+        def run_eagerly(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return np.concatenate([eager(torch.from_numpy(tile[None]).to(dtype)).float().numpy() for tile in x])
+        return run_eagerly
+    if backend != "jax":
+        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    mesh = tile_mesh(devices)
+    params, apply = jax_view(static, shardings=dict.fromkeys(static.state_dict(), NamedSharding(mesh, P())))
+    programs: dict[int, tuple[Mesh, JaxParams, Callable]] = {}
+
+    def program(count: int) -> tuple[Mesh, JaxParams, Callable]:
+        """The program on the first ``count`` devices, and the weights there."""
+        if count not in programs:
+            sub = Mesh(mesh.devices[:count], (TILE_AXIS,))
+            programs[count] = (sub, {k: _replicated_on(v, sub) for k, v in params.items()},
+                               tiles_program(apply, sub, name))
+        return programs[count]
+
+    def run_tiles(x: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        sub, sub_params, jitted = program(min(n, mesh.size))
+        x = np.concatenate([x, np.repeat(x[-1:], -n % sub.size, axis=0)])
+        x = to_host_array(torch.from_numpy(x).to(dtype))
+        split = NamedSharding(sub, P(TILE_AXIS))
+        # every call dispatched before any result is read, so the host waits once
+        out = [jitted(sub_params, jax.device_put(x[k:k + sub.size], split)) for k in range(0, len(x), sub.size)]
+        # a writable host copy: the seams are blended in place
+        return np.concatenate([np.asarray(o, dtype=np.float32) for o in out])[:n]
+    return run_tiles
+
+
+def tile_decoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | None = None) -> TileFn:
     """``decode_tiles(z) -> pixels``: the VAE decoder on a stack of same-shape latent tiles.
 
     ``torch`` runs diffusers' decoder eagerly, one tile at a time (``devices`` unused). ``jax``
@@ -276,38 +336,15 @@ def tile_decoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | Non
     count it meets; ``tiled`` gives each shape of a canvas one count, hence one compile per
     shape (a few: interior, edge and corner tiles).
     """
-    dtype = vae.dtype
-    if backend == "torch":
-        def decode_tiles_eagerly(z: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return np.concatenate([vae.model.decoder(torch.from_numpy(tile[None]).to(dtype)).float().numpy()
-                                       for tile in z])
-        return decode_tiles_eagerly
-    if backend != "jax":
-        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    mesh = tile_mesh(devices)
-    decoder = StaticShapeDecoder(vae.model.decoder)
-    params, apply = jax_view(decoder, shardings=dict.fromkeys(decoder.state_dict(), NamedSharding(mesh, P())))
-    programs: dict[int, tuple[Mesh, JaxParams, Callable]] = {}
+    decoder = vae.model.decoder
+    return _tile_runner(decoder, StaticShapeDecoder(decoder), vae.dtype, backend, devices, "decode_tile")
 
-    def program(count: int) -> tuple[Mesh, JaxParams, Callable]:
-        """The decoder on the first ``count`` devices, and the weights there."""
-        if count not in programs:
-            sub = Mesh(mesh.devices[:count], (TILE_AXIS,))
-            programs[count] = sub, {k: _replicated_on(v, sub) for k, v in params.items()}, tiles_program(apply, sub)
-        return programs[count]
 
-    def decode_tiles(z: np.ndarray) -> np.ndarray:
-        n = z.shape[0]
-        sub, sub_params, jitted = program(min(n, mesh.size))
-        z = np.concatenate([z, np.repeat(z[-1:], -n % sub.size, axis=0)])
-        z = to_host_array(torch.from_numpy(z).to(dtype))
-        split = NamedSharding(sub, P(TILE_AXIS))
-        # every call dispatched before any result is read, so the host waits once
-        out = [jitted(sub_params, jax.device_put(z[k:k + sub.size], split)) for k in range(0, len(z), sub.size)]
-        # a writable host copy: the seams are blended in place
-        return np.concatenate([np.asarray(o, dtype=np.float32) for o in out])[:n]
-    return decode_tiles
+def tile_encoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | None = None) -> TileFn:
+    """``encode_tiles(pixels) -> moments``: the VAE encoder on a stack of same-shape pixel tiles,
+    spread over devices as ``tile_decoder`` spreads latent tiles."""
+    encoder = vae.model.encoder
+    return _tile_runner(encoder, StaticShapeEncoder(encoder), vae.dtype, backend, devices, "encode_tile")
 
 
 def decode(
@@ -332,7 +369,7 @@ def decode(
     return tiled(z, decode_tiles, tiling)
 
 
-def tiled(z: np.ndarray, decode_tiles: TilesDecoder, tiling: Tiling) -> np.ndarray:
+def tiled(z: np.ndarray, decode_tiles: TileFn, tiling: Tiling) -> np.ndarray:
     """The official ``spatial_tiled_decode``: on both axes, whatever their size, tiles of
     ``tile_latent`` latent pixels start every ``stride_latent`` (the last ones may be slivers);
     each tile's first ``blend_px`` rows and columns are cross-faded from its upper and left
@@ -342,25 +379,39 @@ def tiled(z: np.ndarray, decode_tiles: TilesDecoder, tiling: Tiling) -> np.ndarr
     The tiles are independent until the blend, so those of one shape are decoded together
     (``decode_tiles`` spreads them over devices); the blend then runs on the host as above.
     """
-    _, _, _, h, w = z.shape
-    size, stride = tiling.tile_latent, tiling.stride_latent
-    keep = tiling.tile_px - tiling.blend_px
+    return _tile_walk(z, decode_tiles, tiling.tile_latent, tiling.stride_latent, tiling.blend_px,
+                      tiling.tile_px - tiling.blend_px)
+
+
+def tiled_encode(pixels: np.ndarray, encode_tiles: TileFn, tiling: Tiling) -> np.ndarray:
+    """The official ``spatial_tiled_encode``, ``tiled``'s mirror image: pixel tiles of ``tile_px``
+    every ``tile_px (1 - overlap)`` pixels, their moments blended over ``tile_latent overlap``
+    latent pixels, ``tile_latent (1 - overlap)`` of each kept."""
+    blend = int(tiling.tile_latent * tiling.overlap)
+    return _tile_walk(pixels, encode_tiles, tiling.tile_px, int(tiling.tile_px * (1 - tiling.overlap)), blend,
+                      tiling.tile_latent - blend)
+
+
+def _tile_walk(x: np.ndarray, run_tiles: TileFn, size: int, stride: int, blend: int, keep: int) -> np.ndarray:
+    """Tiles of ``size`` from every ``stride`` on both spatial axes of ``x``, run in groups of one
+    shape, then blended over ``blend`` and cut to ``keep`` in the output's units (row-major)."""
+    _, _, _, h, w = x.shape
     corners = [(i, j) for i in range(0, h, stride) for j in range(0, w, stride)]
     by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
     for i, j in corners:
-        by_shape.setdefault(z[..., i:i + size, j:j + size].shape, []).append((i, j))
-    decoded: dict[tuple[int, int], np.ndarray] = {}
+        by_shape.setdefault(x[..., i:i + size, j:j + size].shape, []).append((i, j))
+    done: dict[tuple[int, int], np.ndarray] = {}
     for group in by_shape.values():
-        pixels = decode_tiles(np.concatenate([z[..., i:i + size, j:j + size] for i, j in group]))
-        decoded.update((corner, pixels[k:k + 1]) for k, corner in enumerate(group))
-    tiles = [[decoded[i, j] for j in range(0, w, stride)] for i in range(0, h, stride)]
+        out = run_tiles(np.concatenate([x[..., i:i + size, j:j + size] for i, j in group]))
+        done.update((corner, out[k:k + 1]) for k, corner in enumerate(group))
+    tiles = [[done[i, j] for j in range(0, w, stride)] for i in range(0, h, stride)]
     rows = []
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):
             if i > 0:
-                _blend_seam(tiles[i - 1][j], tile, tiling.blend_px, axis=-2)
+                _blend_seam(tiles[i - 1][j], tile, blend, axis=-2)
             if j > 0:
-                _blend_seam(row[j - 1], tile, tiling.blend_px, axis=-1)
+                _blend_seam(row[j - 1], tile, blend, axis=-1)
         rows.append(np.concatenate([tile[..., :keep, :keep] for tile in row], axis=-1))
     return np.concatenate(rows, axis=-2)
 
@@ -372,7 +423,43 @@ def to_frames(video: np.ndarray) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
 
 
-# ---- encoding (i2v condition) ----------------------------------------------------------------
+# ---- encoding --------------------------------------------------------------------------------
+
+POSTERIORS = ("sample", "mode")
+VideoEncoder = Callable[[np.ndarray], np.ndarray]
+
+
+def video_encoder(vae: VAE, *, backend: Backend = "jax", tiling: Tiling | None = Tiling(),
+                  devices: Sequence[jax.Device] | None = None) -> VideoEncoder:
+    """``moments(pixels)``: (1, 3, 4k+1, H, W) pixels in [-1, 1] -> the posterior's (1, 2C, k+1,
+    H/16, W/16) float32 moments (mean, then log-variance). Built once, called per clip: with
+    ``tiling``, a canvas larger than one tile is encoded tile by tile (``tiled_encode``, as the
+    official trainer's ``memory_efficient_context``), the tiles spread over ``devices``."""
+    encode_tiles = tile_encoder(vae, backend, devices)
+
+    def moments(pixels: np.ndarray) -> np.ndarray:
+        if pixels.ndim != 5 or pixels.shape[:2] != (1, 3) or (pixels.shape[2] - 1) % 4:
+            raise InputError(f"pixels have shape {tuple(pixels.shape)}, expected (1, 3, 4k+1, H, W)")
+        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        if tiling is None or (x.shape[3] <= tiling.tile_px and x.shape[4] <= tiling.tile_px):
+            return encode_tiles(x)
+        return tiled_encode(x, encode_tiles, tiling)
+    return moments
+
+
+def posterior_latents(moments: np.ndarray, scaling_factor: float, posterior: str = "sample",
+                      seed: int = 0) -> np.ndarray:
+    """The DiT's latents from the posterior's moments: its mode, or a sample with noise from
+    ``seed`` (torch's CPU generator, so the same on every platform), times ``scaling_factor``.
+    The official trainer samples (``latent_dist.sample()``); i2v's image condition takes the mode."""
+    if posterior not in POSTERIORS:
+        raise InputError(f"{{posterior}} {posterior!r} is not one of {', '.join(POSTERIORS)}")
+    mean, logvar = np.split(moments.astype(np.float32), 2, axis=1)
+    if posterior == "mode":
+        return mean * scaling_factor
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
+    return (mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * noise) * scaling_factor
+
 
 def encode_image(vae: VAE, pixels: torch.Tensor) -> torch.Tensor:
     """(1, 3, H, W) pixels in [-1, 1] -> (1, C, 1, H/16, W/16) float32 latents: the posterior's

@@ -92,8 +92,19 @@ def _check_width(flag: str, path: str | None, width_of, expected: int, model: st
                          "(pick the --model these encoders belong to)")
 
 
+def check_widths(args: argparse.Namespace, config: DiTConfig, model_name: str, *, vision: bool, vae: bool) -> None:
+    """The encoders and VAE the flags name give what ``config``'s DiT takes (read from their configs)."""
+    _check_width("--text_encoder", args.text_encoder, te.llm_width, config.text_states_dim, model_name)
+    _check_width("--byt5", args.byt5, te.byt5_width, config.byt5_states_dim, model_name)
+    if vision:
+        _check_width("--vision_encoder", args.vision_encoder, ic.siglip_width, config.vision_states_dim, model_name)
+    if vae and args.vae and (channels := vae_config_latent_channels(args.vae)) != config.latent_channels:
+        raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes "
+                         f"{config.latent_channels}")
+
+
 def _note_tiny(what: str, flag: str, size: str) -> None:
-    print(f"stage 1: no {flag}: {what} is a tiny one with seeded random weights ({size})", file=sys.stderr)
+    print(f"note: no {flag}: {what} is a tiny one with seeded random weights ({size})", file=sys.stderr)
 
 
 def _warn_truncated(what: str, encoded: te.Encoded, limit: int) -> None:
@@ -168,13 +179,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[Settings, object]:
         raise InputError("--vision_encoder is for i2v: give --image too")
     image = ic.read_image(args.image) if task == "i2v" else None
     canvas = _canvas(args, config, image)
-    _check_width("--text_encoder", args.text_encoder, te.llm_width, config.text_states_dim, model_name)
-    _check_width("--byt5", args.byt5, te.byt5_width, config.byt5_states_dim, model_name)
-    if task == "i2v":
-        _check_width("--vision_encoder", args.vision_encoder, ic.siglip_width, config.vision_states_dim, model_name)
-        if args.vae and (channels := vae_config_latent_channels(args.vae)) != config.latent_channels:
-            raise InputError(f"--vae {args.vae}: has {channels} latent channels, --model {model_name} takes "
-                             f"{config.latent_channels}")
+    check_widths(args, config, model_name, vision=task == "i2v", vae=task == "i2v")
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
@@ -222,9 +227,16 @@ def _model(path: str | None, load: Callable[[], object], tiny: Callable[[], obje
     return tiny()
 
 
-def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
-    """The encoders the flags name, or tiny ones with seeded random weights."""
-    config, dtypes = s.config, s.encoder_dtypes
+def load_vae_flag(args: argparse.Namespace, config: DiTConfig, dtype: torch.dtype):
+    """The VAE --vae names, or a tiny one with seeded random weights."""
+    return _model(args.vae, lambda: load_vae(args.vae, dtype), lambda: tiny_vae(config.latent_channels, dtype),
+                  "the VAE", "--vae", f"{config.latent_channels} latent channels")
+
+
+def encoders_from(args: argparse.Namespace, config: DiTConfig, dtypes: dict[str, torch.dtype], backend: str, *,
+                  vision: bool, vae=None) -> Encoders:
+    """The text encoders the flags name (and SigLIP with ``vision``), or tiny ones with seeded
+    random weights as wide as ``config`` takes; jitted on the device with the jax ``backend``."""
     dtype = dtypes["text_encoder_dtype"]
     llm = _model(args.text_encoder, lambda: te.load_llm(Path(args.text_encoder), dtype),
                  lambda: te.tiny_llm(config.text_states_dim, dtype),
@@ -232,36 +244,47 @@ def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
     byt5 = _model(args.byt5, lambda: te.load_byt5(Path(args.byt5), dtypes["byt5_dtype"]),
                   lambda: te.tiny_byt5(config.byt5_states_dim, dtypes["byt5_dtype"]),
                   "the glyph encoder (ByT5)", "--byt5", f"{config.byt5_states_dim} wide")
+    vision_encoder = None
+    if vision:
+        dtype = dtypes["vision_encoder_dtype"]
+        vision_encoder = _model(args.vision_encoder, lambda: ic.load_siglip(Path(args.vision_encoder), dtype),
+                                lambda: ic.tiny_siglip(config.vision_states_dim, dtype),
+                                "the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
+    encoders = Encoders(llm, byt5, vision_encoder, vae)
+    return encoders.on_device() if backend == "jax" else encoders
+
+
+def load_encoders(args: argparse.Namespace, s: Settings) -> Encoders:
+    """The encoders the flags name, or tiny ones with seeded random weights."""
+    encoders = encoders_from(args, s.config, s.encoder_dtypes, s.backend, vision=s.task == "i2v")
     if s.task != "i2v":
-        encoders = Encoders(llm, byt5)
-        return encoders.on_device() if s.backend == "jax" else encoders
-    dtype = dtypes["vision_encoder_dtype"]
-    vision = _model(args.vision_encoder, lambda: ic.load_siglip(Path(args.vision_encoder), dtype),
-                    lambda: ic.tiny_siglip(config.vision_states_dim, dtype),
-                    "the vision encoder (SigLIP)", "--vision_encoder", f"{config.vision_states_dim} wide")
-    vae = _model(args.vae, lambda: load_vae(args.vae, s.vae_dtype),
-                 lambda: tiny_vae(config.latent_channels, s.vae_dtype),
-                 "the VAE", "--vae", f"{config.latent_channels} latent channels")
-    encoders = Encoders(llm, byt5, vision, vae)
-    return encoders.on_device() if s.backend == "jax" else encoders
+        return encoders
+    return dataclasses.replace(encoders, vae=load_vae_flag(args, s.config, s.vae_dtype))
+
+
+def encode_prompt(encoders: Encoders, prompt: str) -> tuple[dict[str, torch.Tensor], te.Encoded, te.Encoded]:
+    """The four text tensors of ``prompt`` (the LLM's states and the glyph encoder's of its quoted
+    text, each with its mask), and the two encodings they come from."""
+    states = te.encode_llm(encoders.llm, prompt, run=encoders.llm_run)
+    glyphs = te.encode_byt5(encoders.byt5, prompt, run=encoders.byt5_run)
+    tensors = {"prompt_embeds": states.states, "prompt_mask": states.mask,
+               "prompt_embeds_2": glyphs.states, "prompt_mask_2": glyphs.mask}
+    return tensors, states, glyphs
 
 
 def encode(s: Settings, encoders: Encoders, image) -> tuple[dict[str, torch.Tensor], dict]:
     """The hand-off tensors (text, and the image for i2v) and what the record says of them."""
-    positive = te.encode_llm(encoders.llm, s.prompt, run=encoders.llm_run)
+    tensors, positive, glyphs = encode_prompt(encoders, s.prompt)
     negative = te.encode_llm(encoders.llm, s.negative_prompt, run=encoders.llm_run)
     _warn_truncated("prompt", positive, te.LLM_MAX_LENGTH)
     _warn_truncated("negative prompt", negative, te.LLM_MAX_LENGTH)
-    glyphs = te.encode_byt5(encoders.byt5, s.prompt, run=encoders.byt5_run)
     _warn_truncated("quoted text", glyphs, te.BYT5_MAX_LENGTH)
     # the reference gives the negative side no glyphs
     no_glyphs = te.encode_byt5(encoders.byt5, "", run=encoders.byt5_run)
-    tensors = {
-        "prompt_embeds": positive.states, "prompt_mask": positive.mask,
-        "prompt_embeds_2": glyphs.states, "prompt_mask_2": glyphs.mask,
+    tensors.update({
         "negative_prompt_embeds": negative.states, "negative_prompt_mask": negative.mask,
         "negative_prompt_embeds_2": no_glyphs.states, "negative_prompt_mask_2": no_glyphs.mask,
-    }
+    })
     if s.task == "i2v":
         fitted = ic.resize_center_crop(image, s.canvas["height"], s.canvas["width"])
         tensors["vision_states"] = ic.encode_siglip(encoders.vision, fitted, run=encoders.vision_run)

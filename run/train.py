@@ -184,9 +184,10 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
     settings, config = settings_from(args, devices)
     summary = train(settings, config, log=lambda m: print(m, file=sys.stderr))
     if jax.process_index() == 0:
-        print(f"train: compile {summary.compile_s:.2f} s | {summary.steps_run} updates from {summary.first_step}, "
-              f"mean {summary.mean_step_s:.4f} s/update, final loss {summary.final_loss:.4f} | "
-              f"total {summary.total_s:.2f} s -> {summary.final}")
+        mix = ", ".join(f"{name} {count}" for name, count in sorted(summary.buckets.items()))
+        print(f"train: compile {summary.compile_s:.2f} s ({summary.compiles} bucket step(s)) | {summary.steps_run} "
+              f"updates from {summary.first_step} ({mix}), mean {summary.mean_step_s:.4f} s/update, final loss "
+              f"{summary.final_loss:.4f} | total {summary.total_s:.2f} s -> {summary.final}")
     return 0
 
 

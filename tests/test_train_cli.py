@@ -51,7 +51,7 @@ def data(tmp_path_factory) -> Path:
 
 def test_nan_loss_stops_with_the_last_checkpoint_intact(tmp_path):
     samples, _ = training_samples(CFG, count=8, latent=(3, 4, 6), seed=3)
-    extreme = DataOrder(8, 2, seed=0).indices(2)[0]  # drawn first by the third update
+    extreme = DataOrder((8,), 2, seed=0).indices(2)[0]  # drawn first by the third update
     samples["latents"][extreme] *= 1e30  # finite, but its loss overflows
     folder = write_dataset(tmp_path / "data", samples)
     out = tmp_path / "run"

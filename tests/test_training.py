@@ -255,15 +255,43 @@ def dataset(tmp_path):
 
 def test_dataset_round_trip_and_order(dataset):
     data = TrainingData(dataset, CFG)
-    assert data.num_samples == 8 and data.i2v_capable and len(data.shards) == 3
+    assert data.num_samples == 8 and data.i2v_capable and len(data.buckets[0].shards) == 3
     got = data.read(np.array([7, 0, 4]))
     for key, value in samples()[0].items():
         np.testing.assert_array_equal(got[key], value[[7, 0, 4]])
-    order = DataOrder(8, 3, seed=1)
+    order = DataOrder((8,), 3, seed=1)
     epoch = np.concatenate([order.indices(n) for n in range(order.per_epoch)])
     assert len(set(epoch.tolist())) == 6  # no sample twice in an epoch; 2 left over
     assert not np.array_equal(order.indices(0), order.indices(order.per_epoch))  # a new permutation per epoch
-    assert np.array_equal(order.indices(5), DataOrder(8, 3, seed=1).indices(5))  # a resumed run reads the same
+    assert np.array_equal(order.indices(5), DataOrder((8,), 3, seed=1).indices(5))  # a resumed run reads the same
+
+
+def test_buckets_are_read_and_ordered_one_bucket_per_batch(tmp_path):
+    """Two shapes in one folder: samples numbered bucket after bucket, each batch from one
+    bucket, each epoch every usable sample once, both buckets mixed; version-1 folders still read."""
+    data, empty = samples()
+    short = {k: v[:5] for k, v in data.items()}
+    short["latents"] = short["latents"][:, :, :1]  # one latent frame: another bucket
+    folder = write_dataset(tmp_path / "two", [short, data], shard_size=3, empty_prompt=empty)
+    reader = TrainingData(folder, CFG)
+    assert [(b.name, b.samples) for b in reader.buckets] == [("1x64x96", 5), ("9x64x96", 8)]
+    assert reader.bucket_sizes == (5, 8) and reader.bucket_of(4).name == "1x64x96"
+    np.testing.assert_array_equal(reader.read(np.array([6]))["latents"], data["latents"][[1]])
+    with pytest.raises(DataError, match="several buckets; a batch takes one"):
+        reader.read(np.array([4, 5]))
+    order = DataOrder(reader.bucket_sizes, 2, seed=0)
+    assert order.per_epoch == 2 + 4
+    epoch = [order.indices(n) for n in range(order.per_epoch)]
+    assert all(len({reader.bucket_of(int(i)).name for i in batch}) == 1 for batch in epoch)
+    assert len(set(np.concatenate(epoch).tolist())) == 12  # one of the 5 left over
+    assert [reader.bucket_of(int(b[0])).name for b in epoch] != sorted(reader.bucket_of(int(b[0])).name for b in epoch)
+    with pytest.raises(DataError, match="a step takes 9 samples but the largest bucket has 8"):
+        DataOrder(reader.bucket_sizes, 9, seed=0)
+    manifest = json.loads((folder / "dataset.json").read_text())
+    bucket = manifest["buckets"][1]
+    (folder / "dataset.json").write_text(json.dumps({"format": "hunyuan-tpu-training/1", "samples": 8,
+                                                     "shards": bucket["shards"], "shapes": bucket["shapes"]}))
+    assert [(b.name, b.samples) for b in TrainingData(folder, CFG).buckets] == [("9x64x96", 8)]
 
 
 def test_bad_data_is_named(dataset, tmp_path):
@@ -276,7 +304,7 @@ def test_bad_data_is_named(dataset, tmp_path):
     with pytest.raises(DataError, match=r"model needs|expected"):
         TrainingData(folder, dataclasses.replace(CFG, text_states_dim=32))
     manifest = json.loads((folder / "dataset.json").read_text())
-    manifest["shapes"]["latents"] = [32, 3, 4, 6]
+    manifest["buckets"][0]["shapes"]["latents"] = [32, 3, 4, 6]
     (folder / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"shard-00000.safetensors: latents has shape \(8, 32, 2, 4, 6\), expected"):
         TrainingData(folder, CFG)

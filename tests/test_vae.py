@@ -20,7 +20,8 @@ from hunyuan_tpu.metrics import rel_l2
 from hunyuan_tpu.pipeline import RESOLUTION_BASE, buckets
 from hunyuan_tpu.runtime import torchax_env
 from hunyuan_tpu.vae import (
-    Tiling, decode, encode_image, load_vae, official_to_diffusers_name, tiled, tiny_vae, to_frames,
+    Tiling, decode, encode_image, load_vae, official_to_diffusers_name, posterior_latents, tiled, tiny_vae,
+    to_frames, video_encoder,
 )
 
 DATA = Path(__file__).parent / "data" / "hunyuanvideo15_official_vae_params.json"
@@ -176,6 +177,40 @@ def test_encode_image_is_the_scaled_posterior_mode(vae):
     with torch.no_grad():
         mode = vae.model.encode(pixels[:, :, None]).latent_dist.mode()
     torch.testing.assert_close(latents, mode * vae.scaling_factor)
+
+
+def test_tiled_encode_equals_diffusers_tiled_encode_on_every_backend(vae):
+    """5 frames of 96 x 160 pixels in 64-pixel tiles every 48 (2 x 4 tiles of 4 shapes, a
+    16-pixel sliver on the right): diffusers' tiled encode (the official spatial_tiled_encode's
+    algorithm) against the eager walk, and the jax tiles on 8 devices against 1, bit for bit."""
+    pixels = (torch.rand(1, 3, 5, 96, 160, generator=torch.Generator().manual_seed(5)) * 2 - 1).numpy()
+    reference_model = tiny_vae(seed=0).model
+    reference_model.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4,
+                                  tile_latent_min_width=4, tile_overlap_factor=0.25)
+    with torch.no_grad():
+        reference = reference_model.encode(torch.from_numpy(pixels)).latent_dist.parameters.numpy()
+    eager = video_encoder(vae, backend="torch", tiling=SMALL_TILES)(pixels)
+    assert eager.shape == reference.shape == (1, 64, 2, 6, 10)
+    np.testing.assert_allclose(eager, reference, rtol=0, atol=1e-5)
+    assert np.abs(video_encoder(vae, backend="torch", tiling=None)(pixels) - eager).max() > 1e-3  # seams moved
+    with compiles.recorded() as compiled:
+        every = video_encoder(vae, backend="jax", tiling=SMALL_TILES)(pixels)
+    assert compiled == ["jit(encode_tile)"] * 4
+    np.testing.assert_array_equal(every, video_encoder(vae, backend="jax", tiling=SMALL_TILES,
+                                                       devices=jax.devices()[:1])(pixels))
+    assert rel_l2(every, eager) < 1e-5
+
+
+def test_posterior_latents_are_the_scaled_mode_or_a_seeded_sample(vae):
+    moments = np.concatenate([np.full((1, 32, 1, 2, 2), 0.5, np.float32), np.full((1, 32, 1, 2, 2), -60.0)], 1)
+    np.testing.assert_array_equal(posterior_latents(moments, 2.0, "mode"), np.full((1, 32, 1, 2, 2), 1.0))
+    a, b = posterior_latents(moments, 2.0, "sample", seed=1), posterior_latents(moments, 2.0, "sample", seed=2)
+    assert np.abs(a - 1.0).max() < 1e-5  # log-variance clamped at -30: a sample hugs the mean
+    moments[:, 32:] = 0.0  # unit variance
+    a, b = posterior_latents(moments, 2.0, "sample", seed=1), posterior_latents(moments, 2.0, "sample", seed=2)
+    assert not np.array_equal(a, b) and np.array_equal(a, posterior_latents(moments, 2.0, "sample", seed=1))
+    with pytest.raises(InputError, match="posterior 'mean'"):
+        posterior_latents(moments, 2.0, "mean")
 
 
 def _official_config(model: AutoencoderKLHunyuanVideo15) -> dict:
