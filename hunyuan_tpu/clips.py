@@ -170,7 +170,7 @@ def clip_seed(key: str, seed: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Frames:
-    frames: np.ndarray  # (F, H, W, 3) uint8 as read, F of the allowed lengths
+    frames: np.ndarray  # (F, H, W, 3) uint8 fitted to the bucket, F of the allowed lengths
     source_fps: float  # 0 for an image
 
 
@@ -188,21 +188,34 @@ def _video_frames(path: Path) -> tuple[Iterator[bytes], float, tuple[int, int]]:
     return reader, float(meta.get("fps") or 0.0), tuple(meta["size"])
 
 
-def read_frames(clip: Clip, rule: FrameRule) -> Frames:
-    """The clip's frames as ``rule`` takes them: an image is one frame; a video the longest
-    allowed length its taken frames reach (``ClipError`` when none)."""
+def bucket_of(width: int, height: int, resolution: str) -> tuple[int, int]:
+    """(height, width) of the ``resolution`` bucket closest to a ``width`` x ``height`` frame."""
+    return bucket_size(resolution, f"{width}:{height}")
+
+
+def fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An (h, w, 3) uint8 frame scaled (Lanczos) to cover ``height`` x ``width`` and center-cropped."""
+    return np.asarray(resize_center_crop(Image.fromarray(frame), height, width))
+
+
+def read_frames(clip: Clip, rule: FrameRule, resolution: str) -> Frames:
+    """The clip's frames as ``rule`` takes them, each fitted to the ``resolution`` bucket of the
+    clip's aspect ratio as it is read (a 4K source never sits whole in memory): an image is one
+    frame; a video the longest allowed length its taken frames reach (``ClipError`` when none)."""
     if clip.is_image:
         try:
             with Image.open(clip.path) as image:
-                return Frames(np.asarray(image.convert("RGB"))[None], 0.0)
+                rgb = np.asarray(image.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ClipError(f"cannot read the image ({e})") from None
+        return Frames(fit(rgb, *bucket_of(rgb.shape[1], rgb.shape[0], resolution))[None], 0.0)
     reader, fps, (width, height) = _video_frames(clip.path)
+    bucket = bucket_of(width, height, resolution)
     step, want, taken = rule.step(fps), rule.lengths[-1], []
     try:
         for k, raw in enumerate(reader):
             if k == math.floor(len(taken) * step + 1e-6):
-                taken.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
+                taken.append(fit(np.frombuffer(raw, np.uint8).reshape(height, width, 3), *bucket))
                 if len(taken) == want:
                     break
     except (OSError, RuntimeError) as e:
@@ -214,14 +227,6 @@ def read_frames(clip: Clip, rule: FrameRule) -> Frames:
         raise ClipError(f"too short: {len(taken)} frames at the chosen rate, the shortest length is "
                         f"{rule.lengths[0]}")
     return Frames(np.stack(taken[:reached[-1]]), fps)
-
-
-def fit(frames: np.ndarray, resolution: str) -> np.ndarray:
-    """(F, h, w, 3) uint8 frames scaled (Lanczos) to cover the ``resolution`` bucket closest to
-    their aspect ratio and center-cropped to it: (F, H, W, 3) uint8."""
-    _, h, w, _ = frames.shape
-    height, width = bucket_size(resolution, f"{w}:{h}")
-    return np.stack([np.asarray(resize_center_crop(Image.fromarray(f), height, width)) for f in frames])
 
 
 def to_pixels(frames: np.ndarray) -> np.ndarray:

@@ -38,15 +38,13 @@ class DatasetBuilder:
             raise InputError(f"{{shard_size}} {shard_size} must be >= 1")
         self.folder, self.shard_size = folder, shard_size
         record = folder / RECORD
-        settings = json.loads(json.dumps(settings))  # as it reads back
+        self.settings = json.loads(json.dumps(settings))  # as it reads back
         if record.exists():
             saved = read_json(record).get("settings", {})
-            differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
             if differ:
                 raise InputError(f"{folder}: prepared with other settings ({', '.join(differ)}); give the same ones "
                                  "to add clips, or another {output_dir}")
-        else:
-            write_json(record, {"settings": settings})
         self.shards: dict[str, list[tuple[str, int]]] = {}
         self.shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self.done: dict[str, str] = {}  # content key -> file name it was encoded from
@@ -88,6 +86,8 @@ class DatasetBuilder:
         while (self.folder / file).exists():  # a shard numbered past a removed one
             index += 1
             file = f"{bucket}-{index:05d}.safetensors"
+        if not (self.folder / RECORD).exists():  # with the first shard: a run that wrote none binds nothing
+            write_json(self.folder / RECORD, {"settings": self.settings})
         samples = {k: np.concatenate([s[k] for _, _, s in waiting]) for k in waiting[0][2]}
         count = write_shard(self.folder / file, samples, metadata={
             "bucket": bucket, "clips": json.dumps([k for k, _, _ in waiting]),

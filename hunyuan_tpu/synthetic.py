@@ -129,3 +129,18 @@ def full_text_conditions(cfg: DiTConfig, shape: tuple[int, int, int], text_token
         emb[prefix + "prompt_mask"][:] = 1
         emb[prefix + "prompt_mask_2"][:] = 1
     return build_conditions(emb, task="t2v", shape=shape, cfg=True)
+
+
+def moving_ball(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """A seeded synthetic clip: a disc of one colour crossing a plain background at constant
+    speed, (F, H, W, 3) uint8; for training data from clips without real footage."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    vy, vx = rng.uniform(-3, 3, 2)
+    video = np.empty((frames, height, width, 3), np.uint8)
+    video[:] = rng.integers(0, 60, size=3)
+    color = rng.integers(80, 255, size=3)
+    for t in range(frames):
+        video[t][(y - cy - vy * t) ** 2 + (x - cx - vx * t) ** 2 < (height / 5) ** 2] = color
+    return video

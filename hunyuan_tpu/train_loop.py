@@ -1,4 +1,4 @@
-"""A training run: data in order, one compiled step per update, checkpoints, validation, logs.
+"""A training run: data in order, one compiled step per bucket, checkpoints, validation, logs.
 
     <output>/metrics.jsonl        one line per update: step, loss, grad_norm, lr, seconds, bucket
     <output>/loss_curve.png       the loss per update and its running mean
@@ -216,7 +216,6 @@ def _build(s: RunSettings, config: DiTConfig, log: Callable[[str], None]) -> _Se
     """The data, the trainer and the state on device at update 0."""
     data = TrainingData(s.data, config)
     order = DataOrder(data.bucket_sizes, s.batch_size * s.accumulation, s.seed)
-
     if s.objective.text_dropout > 0 and data.empty_prompt() is None:
         raise InputError(f"{{text_dropout}} {s.objective.text_dropout} needs {s.data}/empty_prompt.safetensors "
                          "(the stage-1 encoding of the empty prompt)")

@@ -31,7 +31,6 @@ from hunyuan_tpu.dataset_builder import REPORT, DatasetBuilder, write_report
 from hunyuan_tpu.files import InputError, locked_folder
 from hunyuan_tpu.pipeline import RESOLUTION_BASE
 from hunyuan_tpu.vae import BACKENDS, POSTERIORS, Tiling, posterior_latents, video_encoder
-from stage1_text_encoder import BACKENDS as ENCODER_BACKENDS
 from stage1_text_encoder import ENCODER_DTYPES, Encoders, add_encoder_group, check_widths, encode_prompt, \
     encoders_from, load_vae_flag
 from stage_cli import (
@@ -144,7 +143,7 @@ class Preparation:
 
     def encode(self, clip: cl.Clip, key: str) -> dict[str, np.ndarray]:
         """The clip's sample (each tensor with a leading axis of 1); ``ClipError`` when unusable."""
-        frames = cl.fit(cl.read_frames(clip, self.rule).frames, self.resolution)
+        frames = cl.read_frames(clip, self.rule, self.resolution).frames
         latents = posterior_latents(self.moments(cl.to_pixels(frames)), self.vae.scaling_factor,
                                     self.args.posterior, cl.clip_seed(key, self.args.seed))
         if not np.isfinite(latents).all():
@@ -169,8 +168,6 @@ def _check(args: argparse.Namespace) -> tuple[cl.FrameRule, str, dict[str, torch
     resolution = args.resolution or config.ideal_resolution or "480p"
     check_seed("seed", args.seed)
     dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
-    if args.encoder_backend not in (None, *ENCODER_BACKENDS):
-        raise InputError(f"--encoder_backend {args.encoder_backend!r} is not one of {', '.join(ENCODER_BACKENDS)}")
     if not args.no_tiling:
         Tiling(args.tile_size, args.tile_overlap)
     check_widths(args, config, args.model or "tiny", vision=args.i2v, vae=True)

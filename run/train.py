@@ -4,8 +4,8 @@
     python run/train.py --data DIR --model ckpts/transformer/480p_t2v --lora --max_steps 2000
     python run/train.py --data DIR --model ckpts/transformer/480p_t2v --mesh fsdp=8 --resume
 
-The data folder format is in hunyuan_tpu/dataset.py (README: Training); what a run writes is
-in hunyuan_tpu/train_loop.py.
+The data folder format is in hunyuan_tpu/dataset.py (README: Training); run/prepare_dataset.py
+makes one from a folder of captioned clips. What a run writes is in hunyuan_tpu/train_loop.py.
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def test_encode_image_is_the_scaled_posterior_mode(vae):
 def test_tiled_encode_equals_diffusers_tiled_encode_on_every_backend(vae):
     """5 frames of 96 x 160 pixels in 64-pixel tiles every 48 (2 x 4 tiles of 4 shapes, a
     16-pixel sliver on the right): diffusers' tiled encode (the official spatial_tiled_encode's
-    algorithm) against the eager walk, and the jax tiles on 8 devices against 1, bit for bit."""
+    algorithm) against the eager walk, and the jax tiles on 8 devices against eager (the tiles'
+    independence of the device count is the decode's test: the same runner)."""
     pixels = (torch.rand(1, 3, 5, 96, 160, generator=torch.Generator().manual_seed(5)) * 2 - 1).numpy()
     reference_model = tiny_vae(seed=0).model
     reference_model.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4,
@@ -196,8 +197,6 @@ def test_tiled_encode_equals_diffusers_tiled_encode_on_every_backend(vae):
     with compiles.recorded() as compiled:
         every = video_encoder(vae, backend="jax", tiling=SMALL_TILES)(pixels)
     assert compiled == ["jit(encode_tile)"] * 4
-    np.testing.assert_array_equal(every, video_encoder(vae, backend="jax", tiling=SMALL_TILES,
-                                                       devices=jax.devices()[:1])(pixels))
     assert rel_l2(every, eager) < 1e-5
 
 
