@@ -84,6 +84,19 @@ def threads_flag(argv: list[str] | None = None) -> int | None:
     return pre.parse_known_args(argv)[0].threads
 
 
+def virtual_devices(default: int = 8) -> int:
+    """``--devices N`` from the command line, read before JAX starts, and that many virtual CPU
+    devices asked of XLA (no effect on an accelerator)."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--devices", type=int, default=default)
+    devices = pre.parse_known_args()[0].devices
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}").strip()
+    return devices
+
+
 def add_flags(parser) -> None:
     """The flags every timing script shares (``threads_flag`` reads --threads early)."""
     parser.add_argument("--threads", type=int, help="CPUs for both paths: torch's threads and XLA:CPU's pool "

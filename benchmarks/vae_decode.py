@@ -27,26 +27,12 @@ for that chip's figure.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import timing
 
 THREADS = timing.pin_threads(timing.threads_flag())
-
-
-def _devices_flag() -> int:
-    """``--devices N`` from the command line, read before JAX starts (it sets the CPU device count)."""
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--devices", type=int, default=8)
-    return pre.parse_known_args()[0].devices
-
-
-DEVICES = _devices_flag()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+DEVICES = timing.virtual_devices()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -62,23 +48,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from hunyuan_tpu.pipeline import LATENT_CHANNELS, VAE_SPATIAL  # noqa: E402
 from hunyuan_tpu.runtime import functional, jax_dtype  # noqa: E402
 from hunyuan_tpu.vae import (  # noqa: E402
-    TILE_AXIS, StaticShapeDecoder, Tiling, tile_decoder, tile_mesh, tiled, tiles_program, tiny_vae,
+    TILE_AXIS, StaticShapeDecoder, Tiling, tile_counts, tile_decoder, tile_mesh, tiled, tiles_program, tiny_vae,
 )
 
 # Latent canvases (height, width) of the 16:9 buckets: 720p is 1280x720, 1080p 1920x1088
 CANVASES = {"720p": (45, 80), "1080p": (68, 120)}
 FULL_LATENT_FRAMES = 31  # 121 frames
 MIB = 2 ** 20
-
-
-def tile_shapes(hw: tuple[int, int], tiling: Tiling) -> dict[tuple[int, int], int]:
-    """Tiles per (h, w) shape on a latent canvas, as ``vae.tiled`` walks it."""
-    sides = [[min(tiling.tile_latent, n - s) for s in range(0, n, tiling.stride_latent)] for n in hw]
-    shapes: dict[tuple[int, int], int] = {}
-    for h in sides[0]:
-        for w in sides[1]:
-            shapes[h, w] = shapes.get((h, w), 0) + 1
-    return shapes
 
 
 def time_decode(args: argparse.Namespace) -> None:
@@ -95,7 +71,7 @@ def time_decode(args: argparse.Namespace) -> None:
     rows = []
     for canvas in args.canvas:
         h, w = CANVASES[canvas]
-        shapes = tile_shapes((h, w), tiling)
+        shapes = tile_counts(h, w, tiling.tile_latent, tiling.stride_latent)
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(1, LATENT_CHANNELS, args.latent_frames, h, w, generator=gen).numpy() / vae.scaling_factor
         pixels: dict[int, np.ndarray] = {}

@@ -25,26 +25,12 @@ channels run far below peak on any matrix unit).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import timing
 
 THREADS = timing.pin_threads(timing.threads_flag())
-
-
-def _devices_flag() -> int:
-    """``--devices N`` from the command line, read before JAX starts (it sets the CPU device count)."""
-    import argparse
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--devices", type=int, default=8)
-    return pre.parse_known_args()[0].devices
-
-
-DEVICES = _devices_flag()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+DEVICES = timing.virtual_devices()
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -56,7 +42,7 @@ from diffusers import AutoencoderKLHunyuanVideo15  # noqa: E402
 
 from hunyuan_tpu.pipeline import bucket_size  # noqa: E402
 from hunyuan_tpu.runtime import functional, jax_dtype  # noqa: E402
-from hunyuan_tpu.vae import StaticShapeEncoder, Tiling, tiny_vae, video_encoder  # noqa: E402
+from hunyuan_tpu.vae import StaticShapeEncoder, Tiling, tile_counts, tiny_vae, video_encoder  # noqa: E402
 
 HEIGHT, WIDTH = bucket_size("480p", "16:9")
 FULL_FRAMES = 121
@@ -64,22 +50,11 @@ FULL_FRAMES = 121
 PEAKS = {"TPU v6e": 918, "TPU v5e": 197, "H100 SXM": 989}
 
 
-def tile_shapes(height: int, width: int, tiling: Tiling) -> dict[tuple[int, int], int]:
-    """Pixel tiles per (h, w) shape of a canvas, as ``vae.tiled_encode`` walks it."""
-    stride = int(tiling.tile_px * (1 - tiling.overlap))
-    sides = [[min(tiling.tile_px, n - s) for s in range(0, n, stride)] for n in (height, width)]
-    shapes: dict[tuple[int, int], int] = {}
-    for h in sides[0]:
-        for w in sides[1]:
-            shapes[h, w] = shapes.get((h, w), 0) + 1
-    return shapes
-
-
 def time_encode(args: argparse.Namespace) -> None:
     devices = jax.devices()
     vae = tiny_vae(seed=0)
     tiling = Tiling()
-    shapes = tile_shapes(HEIGHT, WIDTH, tiling)
+    shapes = tile_counts(HEIGHT, WIDTH, tiling.tile_px, tiling.stride_px)
     print(f"tiny VAE encoder (float32, widths {tuple(vae.model.config.block_out_channels)}), one {WIDTH}x{HEIGHT} "
           f"clip of {args.frames} frames, {sum(shapes.values())} tiles of {tiling.tile_px} px ({len(shapes)} shapes) "
           f"overlapping {tiling.overlap}; 1 device against {len(devices)} ({devices[0].platform}, "
@@ -112,7 +87,7 @@ def flops(args: argparse.Namespace) -> None:
     encoder = StaticShapeEncoder(model.encoder)
     apply = functional(encoder)
     tiling = Tiling()
-    shapes = tile_shapes(HEIGHT, WIDTH, tiling)
+    shapes = tile_counts(HEIGHT, WIDTH, tiling.tile_px, tiling.stride_px)
     dtype = jax_dtype(torch.bfloat16)
     params = {k: jax.ShapeDtypeStruct(tuple(v.shape), dtype) for k, v in encoder.state_dict().items()}
     count = sum(int(np.prod(t.shape)) for t in encoder.state_dict().values())

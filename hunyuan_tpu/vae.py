@@ -68,6 +68,15 @@ class Tiling:
     def blend_px(self) -> int:
         return int(self.tile_px * self.overlap)
 
+    @property
+    def stride_px(self) -> int:
+        """Where the encoder's pixel tiles start (``tiled_encode``)."""
+        return int(self.tile_px * (1 - self.overlap))
+
+    @property
+    def blend_latent(self) -> int:
+        return int(self.tile_latent * self.overlap)
+
 
 @dataclasses.dataclass(frozen=True)
 class VAE:
@@ -387,9 +396,19 @@ def tiled_encode(pixels: np.ndarray, encode_tiles: TileFn, tiling: Tiling) -> np
     """The official ``spatial_tiled_encode``, ``tiled``'s mirror image: pixel tiles of ``tile_px``
     every ``tile_px (1 - overlap)`` pixels, their moments blended over ``tile_latent overlap``
     latent pixels, ``tile_latent (1 - overlap)`` of each kept."""
-    blend = int(tiling.tile_latent * tiling.overlap)
-    return _tile_walk(pixels, encode_tiles, tiling.tile_px, int(tiling.tile_px * (1 - tiling.overlap)), blend,
-                      tiling.tile_latent - blend)
+    return _tile_walk(pixels, encode_tiles, tiling.tile_px, tiling.stride_px, tiling.blend_latent,
+                      tiling.tile_latent - tiling.blend_latent)
+
+
+def tile_counts(height: int, width: int, size: int, stride: int) -> dict[tuple[int, int], int]:
+    """How many tiles of each (h, w) the walk of ``tiled`` (latent units) or ``tiled_encode``
+    (pixels) cuts from a ``height`` x ``width`` canvas: tiles of ``size`` every ``stride``."""
+    sides = [[min(size, n - s) for s in range(0, n, stride)] for n in (height, width)]
+    counts: dict[tuple[int, int], int] = {}
+    for h in sides[0]:
+        for w in sides[1]:
+            counts[h, w] = counts.get((h, w), 0) + 1
+    return counts
 
 
 def _tile_walk(x: np.ndarray, run_tiles: TileFn, size: int, stride: int, blend: int, keep: int) -> np.ndarray:
