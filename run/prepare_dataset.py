@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from hunyuan_tpu import clips as cl
@@ -150,8 +151,7 @@ class Preparation:
             raise cl.ClipError("the VAE gave non-finite latents (try --vae_dtype float32)")
         sample = {"latents": latents, **text_sample(self.encoders, clip.caption, self.dtypes)}
         if self.args.i2v:
-            first = ic.encode_siglip(self.encoders.vision, ic.Image.fromarray(frames[0]),
-                                     run=self.encoders.vision_run)
+            first = ic.encode_siglip(self.encoders.vision, Image.fromarray(frames[0]), run=self.encoders.vision_run)
             sample["vision_states"] = _stored(first.to(self.dtypes["vision_encoder_dtype"]))
         return sample
 
@@ -167,6 +167,8 @@ def _check(args: argparse.Namespace) -> tuple[cl.FrameRule, str, dict[str, torch
     config = model_config(args.model or "tiny")
     resolution = args.resolution or config.ideal_resolution or "480p"
     check_seed("seed", args.seed)
+    if args.shard_size < 1:
+        raise InputError(f"--shard_size {args.shard_size} must be >= 1")
     dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
     if not args.no_tiling:
         Tiling(args.tile_size, args.tile_overlap)
@@ -232,7 +234,9 @@ def prepare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line, in this process: returns the exit code."""
-    return run_main(lambda: prepare(build_parser().parse_args(argv)))
+    return run_main(lambda: prepare(build_parser().parse_args(argv)),
+                    interrupted="interrupted: the shards already written stay; run the same command again to go on "
+                    "(the clips not yet in a shard are encoded again)")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,11 @@ def _stop(signum: int, frame) -> None:
     raise Stopped()
 
 
-def run_main(body: Callable[[], int]) -> int:
+INTERRUPTED = ("interrupted: no output of this run was written; a stage run with --checkpoint_every continues "
+               "with --resume")
+
+
+def run_main(body: Callable[[], int], interrupted: str = INTERRUPTED) -> int:
     """Run a command's body in this process and return its exit code: bad input (a library
     error, whose settings are shown as flags, or a bad flag) ends in one line on stderr and 2;
     the file system refusing (a path that is a file, no space, no permission) in one line and 1;
@@ -139,8 +143,7 @@ def run_main(body: Callable[[], int]) -> int:
         sys.stderr.write(f"error: {where}{e.strerror or e}\n")
         return _leave(EXIT_ENVIRONMENT)
     except KeyboardInterrupt as e:
-        sys.stderr.write("interrupted: no output of this run was written; a stage run with --checkpoint_every "
-                         "continues with --resume\n")
+        sys.stderr.write(interrupted + "\n")
         return _leave(128 + getattr(e, "signum", signal.SIGINT))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -159,6 +159,7 @@ def test_bad_input_is_one_line(folder, tmp_path, capsys):
         (["--videos", str(folder), "--frame_buckets", "5,8"], "of the form 4k+1"),
         (["--videos", str(folder), "--max_frames", "9", "--frame_buckets", "5,13"], "more than --max_frames 9"),
         (["--videos", str(folder), "--frame_stride", "0"], "--frame_stride 0 must be >= 1"),
+        (["--videos", str(folder), "--shard_size", "0"], "--shard_size 0 must be >= 1"),
         (["--videos", str(folder), "--captions", str(folder / "wide0.txt")], "must be a .jsonl or a .csv"),
     ]
     for extra, message in cases:
