@@ -9,7 +9,7 @@ same-named ``.txt`` beside it, or the row of a ``captions.jsonl`` ({"file", "cap
 Frames are taken at a target rate (each source frame nearest at or before 1/fps steps; a source
 slower than that gives every frame) or every ``stride``-th frame, and the clip is cut to the
 longest allowed length (4k+1 frames) it reaches. Each frame is scaled to cover the official bucket
-closest to the first frame's aspect ratio and center-cropped to it, as stage 1 fits an i2v image.
+closest to the clip's aspect ratio and center-cropped to it, as stage 1 fits an i2v image.
 """
 
 from __future__ import annotations
