@@ -91,9 +91,10 @@ def virtual_devices(default: int = 8) -> int:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--devices", type=int, default=default)
+    from hunyuan_tpu.launch import with_cpu_devices  # no JAX in it: the flag is set before JAX starts
+
     devices = pre.parse_known_args()[0].devices
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices)
     return devices
 
 

@@ -168,12 +168,6 @@ def clip_seed(key: str, seed: int) -> int:
 
 # ---- frames --------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Frames:
-    frames: np.ndarray  # (F, H, W, 3) uint8 fitted to the bucket, F of the allowed lengths
-    source_fps: float  # 0 for an image
-
-
 def _video_frames(path: Path) -> tuple[Iterator[bytes], float, tuple[int, int]]:
     try:
         reader = imageio_ffmpeg.read_frames(str(path))
@@ -198,17 +192,18 @@ def fit(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resize_center_crop(Image.fromarray(frame), height, width))
 
 
-def read_frames(clip: Clip, rule: FrameRule, resolution: str) -> Frames:
-    """The clip's frames as ``rule`` takes them, each fitted to the ``resolution`` bucket of the
-    clip's aspect ratio as it is read (a 4K source never sits whole in memory): an image is one
-    frame; a video the longest allowed length its taken frames reach (``ClipError`` when none)."""
+def read_frames(clip: Clip, rule: FrameRule, resolution: str) -> np.ndarray:
+    """The clip's frames as ``rule`` takes them, (F, H, W, 3) uint8, each fitted to the
+    ``resolution`` bucket of the clip's aspect ratio as it is read (a 4K source never sits whole
+    in memory): an image is one frame; a video the longest allowed length its taken frames reach
+    (``ClipError`` when none)."""
     if clip.is_image:
         try:
             with Image.open(clip.path) as image:
                 rgb = np.asarray(image.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ClipError(f"cannot read the image ({e})") from None
-        return Frames(fit(rgb, *bucket_of(rgb.shape[1], rgb.shape[0], resolution))[None], 0.0)
+        return fit(rgb, *bucket_of(rgb.shape[1], rgb.shape[0], resolution))[None]
     reader, fps, (width, height) = _video_frames(clip.path)
     bucket = bucket_of(width, height, resolution)
     step, want, taken = rule.step(fps), rule.lengths[-1], []
@@ -226,7 +221,7 @@ def read_frames(clip: Clip, rule: FrameRule, resolution: str) -> Frames:
     if not reached:
         raise ClipError(f"too short: {len(taken)} frames at the chosen rate, the shortest length is "
                         f"{rule.lengths[0]}")
-    return Frames(np.stack(taken[:reached[-1]]), fps)
+    return np.stack(taken[:reached[-1]])
 
 
 def to_pixels(frames: np.ndarray) -> np.ndarray:

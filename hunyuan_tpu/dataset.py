@@ -125,7 +125,6 @@ class TrainingData:
         self.keys = tuple(k for k in REQUIRED + OPTIONAL if k in first)
         self._shards = [(bucket, file, count) for bucket in self.buckets for file, count in bucket.shards]
         self._offsets = np.cumsum([0] + [count for _, _, count in self._shards])
-        self.bucket_sizes = tuple(b.samples for b in self.buckets)
         for bucket, file, count in self._shards:
             self._check_shard(self.folder / file, count, bucket.shapes)
         self._empty = self._read_empty_prompt()
@@ -161,6 +160,10 @@ class TrainingData:
     @property
     def num_samples(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def bucket_sizes(self) -> tuple[int, ...]:
+        return tuple(b.samples for b in self.buckets)
 
     @property
     def i2v_capable(self) -> bool:

@@ -34,6 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CPU_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def with_cpu_devices(xla_flags: str, count: int | None) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) with its virtual CPU device count replaced by
+    ``count``, or removed (one device) when ``count`` is None; the other flags kept."""
+    flags = [f for f in xla_flags.split() if not f.startswith(CPU_DEVICE_COUNT)]
+    return " ".join([*flags, f"{CPU_DEVICE_COUNT}={count}"] if count is not None else flags)
+
+
 def process_environment(process_id: int, processes: int, port: int, cpu_devices: int | None,
                         environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` plus what makes a process index ``process_id`` of the job; with ``cpu_devices``,
@@ -41,9 +51,7 @@ def process_environment(process_id: int, processes: int, port: int, cpu_devices:
     env = {**environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(processes),
            "JAX_PROCESS_ID": str(process_id)}
     if cpu_devices is not None:
-        count = "--xla_force_host_platform_device_count"
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
-        env["XLA_FLAGS"] = " ".join([*flags, f"{count}={cpu_devices}"])
+        env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), cpu_devices)
         env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -270,10 +270,6 @@ class Trainer:
         """Whether a batch of this shape has its step compiled already."""
         return self._signature(batch) in self._compiled
 
-    @property
-    def compiled_shapes(self) -> int:
-        return len(self._compiled)
-
     def compile(self, state: TrainState, frozen: JaxParams, batch: dict, empty_prompt: dict | None) -> Callable:
         """Trace and compile the step for these placements and this batch shape (once per run
         and bucket); returns it."""

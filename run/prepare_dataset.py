@@ -126,6 +126,14 @@ def text_sample(encoders: Encoders, caption: str, dtypes: dict[str, torch.dtype]
     return out
 
 
+FLOAT32_HINT = "try float32: --vae_dtype, --text_encoder_dtype, --byt5_dtype, --vision_encoder_dtype"
+
+
+def non_finite(tensors: dict[str, np.ndarray]) -> list[str]:
+    """The floating-point tensors holding NaN or inf."""
+    return [k for k, v in tensors.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+
+
 class Preparation:
     """The models, and one clip at a time through them."""
 
@@ -144,19 +152,25 @@ class Preparation:
 
     def encode(self, clip: cl.Clip, key: str) -> dict[str, np.ndarray]:
         """The clip's sample (each tensor with a leading axis of 1); ``ClipError`` when unusable."""
-        frames = cl.read_frames(clip, self.rule, self.resolution).frames
+        frames = cl.read_frames(clip, self.rule, self.resolution)
         latents = posterior_latents(self.moments(cl.to_pixels(frames)), self.vae.scaling_factor,
                                     self.args.posterior, cl.clip_seed(key, self.args.seed))
-        if not np.isfinite(latents).all():
-            raise cl.ClipError("the VAE gave non-finite latents (try --vae_dtype float32)")
         sample = {"latents": latents, **text_sample(self.encoders, clip.caption, self.dtypes)}
         if self.args.i2v:
             first = ic.encode_siglip(self.encoders.vision, Image.fromarray(frames[0]), run=self.encoders.vision_run)
             sample["vision_states"] = _stored(first.to(self.dtypes["vision_encoder_dtype"]))
+        bad = non_finite(sample)
+        if bad:
+            raise cl.ClipError(f"the models gave non-finite values in {', '.join(bad)} ({FLOAT32_HINT})")
         return sample
 
     def empty_prompt(self) -> dict[str, np.ndarray]:
-        return text_sample(self.encoders, "", self.dtypes)
+        tensors = text_sample(self.encoders, "", self.dtypes)
+        bad = non_finite(tensors)
+        if bad:
+            raise InputError(f"the text encoders gave non-finite values in {', '.join(bad)} for the empty prompt "
+                             f"({FLOAT32_HINT})")
+        return tensors
 
 
 def _check(args: argparse.Namespace) -> tuple[cl.FrameRule, str, dict[str, torch.dtype], list[cl.Clip]]:
@@ -198,15 +212,15 @@ def prepare(args: argparse.Namespace) -> int:
     with locked_folder(out):
         builder = DatasetBuilder(out, settings, args.shard_size)
         before = builder.samples
-        todo = []
+        todo, seen = [], set(builder.done)
         for clip in found:
             if not clip.caption:
                 skipped.append((clip.name, _missing_caption(clip, args)))
                 continue
             key = cl.content_key(clip.path)
-            if key not in builder.done:
+            if key not in seen:  # not encoded yet, and not a copy of a clip earlier in the folder
                 todo.append((clip, key))
-                builder.done[key] = clip.name  # a copy later in the folder is the same clip
+                seen.add(key)
         need_models = todo or not (out / EMPTY_PROMPT).exists()
         preparation = Preparation(args, rule, resolution, dtypes) if need_models else None
         begin = time.perf_counter()
@@ -216,7 +230,6 @@ def prepare(args: argparse.Namespace) -> int:
                     sample = preparation.encode(clip, key)
                 except cl.ClipError as e:
                     skipped.append((clip.name, str(e)))
-                    del builder.done[key]
                     continue
                 builder.add(bucket_name(sample["latents"].shape[1:]), key, clip.name, sample)
                 bar.set_postfix(skipped=len(skipped))

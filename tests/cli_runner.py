@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+from hunyuan_tpu.launch import with_cpu_devices
+
 RUN = Path(__file__).resolve().parents[1] / "run"
 
 
@@ -46,11 +48,8 @@ def call(script: str, *args, devices: int = 1, check: bool = True) -> Result:
 def environment(devices: int = 1, **extra: str) -> dict[str, str]:
     """This process's environment for a subprocess with ``devices`` CPU devices (and this
     process's other XLA flags, so that both compile alike)."""
-    count = "--xla_force_host_platform_device_count"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
-    if devices > 1:
-        flags.append(f"{count}={devices}")
-    return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+    flags = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), devices if devices > 1 else None)
+    return {**os.environ, "XLA_FLAGS": flags, **extra}
 
 
 def command(script: str, *args) -> list[str]:

@@ -87,7 +87,7 @@ def test_clips_are_bucketed_and_the_unusable_ones_reported(prepared, folder):
     assert files == ["tall0.mp4", "tall1.mp4", "tall2.mp4", "tall3.mp4"]
     assert stored["prompt_embeds"].dtype == np.float16  # the LLM's own dtype
     clip = cl.Clip(folder / "tall1.mp4", "tall1.mp4", 'a tall ball 1, a sign reads "HELLO 1"')
-    frames = cl.read_frames(clip, cl.FrameRule((5, 9)), "96p").frames
+    frames = cl.read_frames(clip, cl.FrameRule((5, 9)), "96p")
     assert frames.shape == (9, 160, 96, 3)
     vae = tiny_vae(seed=0)
     key = cl.content_key(clip.path)
@@ -152,6 +152,9 @@ def test_training_runs_over_both_buckets_with_one_step_compiled_per_bucket(prepa
 
 
 def test_bad_input_is_one_line(folder, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"file": "wide0.mp4"}\n')
+    (tmp_path / "bad.csv").write_text("name,text\nwide0.mp4,a ball\n")
+    (tmp_path / "a_file").write_text("")
     cases = [
         ([], "--videos DIR is required"),
         (["--videos", str(tmp_path / "none")], "no such folder"),
@@ -161,13 +164,48 @@ def test_bad_input_is_one_line(folder, tmp_path, capsys):
         (["--videos", str(folder), "--frame_stride", "0"], "--frame_stride 0 must be >= 1"),
         (["--videos", str(folder), "--shard_size", "0"], "--shard_size 0 must be >= 1"),
         (["--videos", str(folder), "--captions", str(folder / "wide0.txt")], "must be a .jsonl or a .csv"),
+        (["--videos", str(folder), "--captions", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+        (["--videos", str(folder), "--captions", str(tmp_path / "bad.jsonl")],
+         'bad.jsonl: line 1 is not a JSON object with "file" and "caption"'),
+        (["--videos", str(folder), "--captions", str(tmp_path / "bad.csv")],
+         "bad.csv: needs a header row with the columns file and caption"),
+        (["--videos", str(folder), "--frame_buckets", "5,nine"], "give lengths like 25,49,121"),
+        (["--videos", str(folder), "--fps", "0"], "--fps 0.0 must be > 0"),
+        (["--videos", str(folder), "--output_dir", str(tmp_path / "a_file")], "exists and is not a folder"),
     ]
     for extra, message in cases:
         capsys.readouterr()
-        assert prepare_dataset.main([*extra, "--output_dir", str(tmp_path / "out")]) == 2, extra
+        assert prepare_dataset.main(["--output_dir", str(tmp_path / "out"), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert not (tmp_path / "out").exists()
+    # a folder holding safetensors files this command did not write is left as it is
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "shard-00000.safetensors").write_bytes(b"not ours")
+    assert prepare_dataset.main(["--videos", str(folder), "--output_dir", str(foreign), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "shard-00000.safetensors: not a shard this preparation wrote" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in foreign.iterdir()) == ["shard-00000.safetensors"]
+
+
+def test_non_finite_latents_skip_the_clip(tmp_path, capsys):
+    """A VAE that gives NaN (as one in float16 may, overflowing): the clip is reported, not stored,
+    and nothing else is written."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_mp4(clips / "ball.mp4", moving_ball(7, 72, 128, 0))
+    (clips / "ball.txt").write_text("a ball")
+    vae = tiny_vae(seed=0)
+    with torch.no_grad():
+        vae.model.encoder.conv_out.conv.bias.fill_(float("nan"))
+    vae.model.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "data"
+    assert prepare_dataset.main(["--videos", str(clips), "--output_dir", str(out), "--vae", str(tmp_path / "vae"),
+                                 *FLAGS]) == prepare_dataset.EXIT_SKIPPED
+    assert read_report(out) == [{"file": "ball.mp4", "reason": "the models gave non-finite values in latents "
+                                 f"({prepare_dataset.FLOAT32_HINT})"}]
+    assert sorted(p.name for p in out.iterdir()) == ["report.jsonl"]
 
 
 def test_captions_from_a_jsonl_or_csv_file(folder, tmp_path):
@@ -188,9 +226,9 @@ def test_frames_are_taken_at_the_target_rate_and_cut_to_an_allowed_length(tmp_pa
     def marks(frames: np.ndarray) -> list[int]:
         return [round(float(f.mean()) / 8) for f in frames]
 
-    assert marks(cl.read_frames(clip, cl.FrameRule((5, 9, 13, 17)), "96p").frames) == list(range(17))
-    assert marks(cl.read_frames(clip, cl.FrameRule((5, 9), fps=12.0), "96p").frames) == list(range(0, 18, 2))
-    taken = cl.read_frames(clip, cl.FrameRule((5, 9), fps=None, stride=3), "96p").frames
+    assert marks(cl.read_frames(clip, cl.FrameRule((5, 9, 13, 17)), "96p")) == list(range(17))
+    assert marks(cl.read_frames(clip, cl.FrameRule((5, 9), fps=12.0), "96p")) == list(range(0, 18, 2))
+    taken = cl.read_frames(clip, cl.FrameRule((5, 9), fps=None, stride=3), "96p")
     assert marks(taken) == list(range(0, 27, 3)) and taken.shape == (9, 128, 128, 3)  # the 96p 1:1 bucket
     with pytest.raises(cl.ClipError, match="too short: 10 frames at the chosen rate, the shortest length is 13"):
         cl.read_frames(clip, cl.FrameRule((13,), fps=None, stride=3), "96p")
