@@ -43,44 +43,18 @@ from typing import Callable  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel,
-)
+from transformers import Qwen2_5_VLTextModel, SiglipVisionModel, T5EncoderModel  # noqa: E402
 
 from hunyuan_tpu import encoder_runtime as er  # noqa: E402
 from hunyuan_tpu import projection  # noqa: E402
 from hunyuan_tpu import text_encoding as te  # noqa: E402
 from hunyuan_tpu.config import DiTConfig  # noqa: E402
 from hunyuan_tpu.random_init import randomize_like_trained_  # noqa: E402
+from released_configs import LLM_LAYERS, byt5_config, qwen_config, siglip_config  # noqa: E402
 
 CROP_START = 108  # the Qwen2.5-VL tokenizer's, with the video template (text_encoding's docstring)
 LLM_TOKENS = CROP_START + te.LLM_MAX_LENGTH
-LLM_LAYERS = 28
 GB = 1e9
-
-
-def qwen_config(layers: int = LLM_LAYERS, vocab: int = 152064) -> Qwen2_5_VLTextConfig:
-    """Qwen2.5-VL-7B-Instruct's language model (its config.json's text part; the special token ids
-    left out, which change nothing in a forward and may lie outside a cut vocabulary)."""
-    return Qwen2_5_VLTextConfig(
-        vocab_size=vocab, hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
-        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
-
-
-def byt5_config() -> T5Config:
-    """google/byt5-small's encoder, the vocabulary grown by Glyph-SDXL-v2's color and font tokens
-    (about 1.5k in all; only the embedding's size depends on it)."""
-    return T5Config(vocab_size=1536, d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6,
-                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                    relative_attention_max_distance=128, is_encoder_decoder=False)
-
-
-def siglip_config() -> SiglipVisionConfig:
-    """SigLIP so400m-patch14-384 (FLUX.1-Redux-dev's image_encoder): 729 patches."""
-    return SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                              image_size=384, patch_size=14)
 
 
 # ---- project -------------------------------------------------------------------------------------

@@ -27,6 +27,15 @@ from safetensors.torch import save_file
 _SETTING = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
+def render_settings(template: str, name_of: Callable[[str], str]) -> str:
+    """``template`` with each ``{setting}`` written as ``name_of(setting)``: the bare name for the
+    Python API, the flag on a command line."""
+    return _SETTING.sub(lambda m: name_of(m.group(1)), template)
+
+
+Note = Callable[[str], None]  # what a library call says on the way (a ``{setting}`` template), e.g. to stderr
+
+
 class InputError(ValueError):
     """Bad user input (a file, key, shape or setting); the message names it in one line.
 
@@ -42,7 +51,7 @@ class InputError(ValueError):
 
     def render(self, name_of: Callable[[str], str]) -> str:
         """The message with each ``{setting}`` written as ``name_of(setting)``."""
-        return _SETTING.sub(lambda m: name_of(m.group(1)), self.template)
+        return render_settings(self.template, name_of)
 
     def __str__(self) -> str:
         return self.render(lambda name: name)

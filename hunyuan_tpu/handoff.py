@@ -79,6 +79,14 @@ def read_embeddings(
     ``sr`` the i2v conditions are those of the SR canvas ``latent_hw``."""
     path = Path(folder) / EMBEDDINGS_NAME
     tensors, _ = read_safetensors(path)
+    return checked_embeddings(tensors, path, task=task, model=model, latent_hw=latent_hw, sr=sr)
+
+
+def checked_embeddings(
+    tensors: dict[str, torch.Tensor], path: str | Path, *, task: str, model: DiTConfig, latent_hw: tuple[int, int],
+    sr: bool = False,
+) -> dict[str, np.ndarray]:
+    """``read_embeddings`` of tensors in memory (``path`` names where they come from)."""
     missing = [k for k in required_keys(task, sr) if k not in tensors]
     hint = " (run stage 1 with {sr} for the SR stage's i2v conditions)" if sr and task == "i2v" else ""
     _expect(not missing, path, f"missing tensor(s) {', '.join(missing)} (needed for {task}){hint}")

@@ -44,6 +44,11 @@ RESOLUTION_BASE = {"96p": 128, "144p": 192, "360p": 480, "480p": 640, "720p": 96
 LQ_NOISE_STRENGTH = 0.7
 # The SigLIP tokens of an image (27 x 27); the official t2v pipeline passes as many zeros, masked.
 T2V_VISION_TOKENS = 729
+# Text slots are kept in multiples of this many (each text stream), so that a new prompt recompiles
+# the step only when its length crosses a multiple: 8 shapes for the LLM's 1000 slots, 2 for
+# ByT5's 256. At 480p x 121 frames the image stream is 49k tokens: up to 127 padded slots cost
+# under 0.3% of them.
+TEXT_BUCKET = 128
 _MODEL_DTYPE_KEYS = frozenset({"prompt_embeds", "prompt_embeds_2", "vision_states", "cond_latents", "lr_latents"})
 
 
@@ -146,9 +151,12 @@ def initial_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
 # ---- conditions ------------------------------------------------------------------------------
 
 def _trim(states: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drop trailing slots that are padding in every sample (they never change the image)."""
+    """Drop trailing slots that are padding in every sample (they never change the image), all
+    but those that round the length up to a multiple of ``TEXT_BUCKET``: prompts of similar
+    length then share one shape, hence one compiled step."""
     valid = np.flatnonzero(mask.any(axis=0))
-    keep = int(valid[-1]) + 1 if valid.size else 1
+    used = int(valid[-1]) + 1 if valid.size else 1
+    keep = min(mask.shape[1], -(-used // TEXT_BUCKET) * TEXT_BUCKET)
     return states[:, :keep], mask[:, :keep]
 
 
@@ -319,6 +327,9 @@ class Denoiser:
     step; ``step`` picks by the step index, and the cache's state stays on device between steps.
     Per-layer weights are stacked by layer here, once (a copy: a caller done with its
     per-layer arrays passes ``scan.stack_blocks(params, donate=True)`` to keep one copy).
+    ``compiled_steps``: the executables of earlier runs on the same weights and placement
+    (``stage_denoise.DiT`` keeps one per loaded model), so that a run of a known signature
+    compiles nothing.
     """
 
     def __init__(
@@ -332,6 +343,7 @@ class Denoiser:
         attention: Kernel = xla_attention,
         sparse_attention: SparseKernel = block_sparse_xla,
         cache: FeatureCache = NoCache(),
+        compiled_steps: dict | None = None,
     ):
         self.config, self.settings, self.placement, self.cache = config, settings, placement, cache
         self.attention, self.sparse_attention = attention, sparse_attention
@@ -340,9 +352,8 @@ class Denoiser:
         self.latents_sharding = placement.replicated
         self.conditions = jax.device_put(device_conditions(conditions, settings, self.dtype), self.latents_sharding)
         cache.check(settings.num_inference_steps, config.mm_double_blocks_depth)
-        jitted = functools.partial(step_function, config, settings, self.dtype, placement=placement, cache=cache)
-        self._jitted = jitted()
-        self._jitted_cached = jitted(cached=True) if not all(map(cache.is_full, range(self.num_steps))) else None
+        # the executables of every run that shares it (same config, placement and weights), by signature
+        self.compiled_steps = {} if compiled_steps is None else compiled_steps
         self.compiled = self.compiled_cached = None
 
     def use_params(self, params: JaxParams) -> None:
@@ -375,19 +386,36 @@ class Denoiser:
                              f"{sorted(expected)}")
         return {k: jax.device_put(v, state_sharding(self.placement, expected[k])) for k, v in host.items()}
 
+    def signature(self, latents_shape: tuple[int, ...]) -> tuple:
+        """What the compiled step(s) depend on beyond the shared config, placement and weights:
+        two runs of one signature run the same executables, whatever the prompt, seed or shift."""
+        conditions = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in self.conditions.items()))
+        return (tuple(latents_shape), conditions, self.settings.cfg, self.cache, self.attention,
+                self.sparse_attention)
+
     def compile(self, latents_shape: tuple[int, ...]) -> float:
-        """Trace and compile the step(s) ahead of time; returns the seconds it took."""
+        """Trace and compile the step(s) ahead of time, unless a run of the same signature did;
+        returns the seconds it took."""
         start = time.perf_counter()
+        key = self.signature(latents_shape)
+        if key not in self.compiled_steps:
+            self.compiled_steps[key] = self._compile(latents_shape)
+        self.compiled, self.compiled_cached = self.compiled_steps[key]
+        return time.perf_counter() - start
+
+    def _compile(self, latents_shape: tuple[int, ...]) -> tuple[Callable, Callable | None]:
+        jitted = functools.partial(step_function, self.config, self.settings, self.dtype, placement=self.placement,
+                                   cache=self.cache)
         latents = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=self.latents_sharding)
         carried = abstract_state(self.cache, self._initial(latents_shape), self.placement)
         with tracing(self.placement.mesh, self.attention, self.sparse_attention):
-            lowered = self._jitted.lower(self.params, self.conditions, latents, 0, carried)
-            self.compiled = lowered.compile()
-            if self._jitted_cached is not None:  # the cached step takes the state as the full step leaves it
+            lowered = jitted().lower(self.params, self.conditions, latents, 0, carried)
+            compiled, compiled_cached = lowered.compile(), None
+            if not all(map(self.cache.is_full, range(self.num_steps))):
+                # the cached step takes the state as the full step leaves it
                 state = abstract_state(self.cache, lowered.out_info[1], self.placement)
-                self.compiled_cached = self._jitted_cached.lower(
-                    self.params, self.conditions, latents, 0, state).compile()
-        return time.perf_counter() - start
+                compiled_cached = jitted(cached=True).lower(self.params, self.conditions, latents, 0, state).compile()
+        return compiled, compiled_cached
 
     def place(self, latents: np.ndarray) -> jax.Array:
         return jax.device_put(np.asarray(latents, np.float32), self.latents_sharding)
@@ -443,4 +471,4 @@ def denoise(
         full.append(denoiser.is_full(i))
         if on_step is not None:
             on_step(i + 1, x, carried)
-    return LoopResult(np.asarray(x), times, full)
+    return LoopResult(np.array(x), times, full)  # a writable host copy

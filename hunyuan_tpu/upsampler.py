@@ -14,7 +14,7 @@ SR pipeline never asks it to).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +201,15 @@ def load_upsampler(folder: str | Path) -> Upsampler:
     return model.requires_grad_(False).eval()
 
 
-def upsample(model: Upsampler, latents: np.ndarray) -> np.ndarray:
-    """(1, C, T, H, W) -> (1, C_out, T, H, W), float32 weights and activations, as one jitted
-    function on the default device (the 1080p upsampler is 25 TFLOP at 1080p x 121: not host work)."""
+def upsampler_function(model: Upsampler) -> Callable[[np.ndarray], np.ndarray]:
+    """``upsample(latents)``: (1, C, T, H, W) -> (1, C_out, T, H, W), float32 weights and activations,
+    as one jitted function on the default device (the 1080p upsampler is 25 TFLOP at 1080p x 121:
+    not host work). The weights go to the device once; each shape compiles once."""
     params, apply = jax_view(model, torch.float32)
-    return np.asarray(jax.jit(apply)(params, jnp.asarray(latents, jnp.float32)), np.float32)
+    jitted = jax.jit(apply)
+    return lambda latents: np.asarray(jitted(params, jnp.asarray(latents, jnp.float32)), np.float32)
+
+
+def upsample(model: Upsampler, latents: np.ndarray) -> np.ndarray:
+    """``upsampler_function(model)(latents)``, for one call."""
+    return upsampler_function(model)(latents)

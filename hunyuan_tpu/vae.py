@@ -358,20 +358,21 @@ def tile_encoder(vae: VAE, backend: Backend, devices: Sequence[jax.Device] | Non
 
 def decode(
     vae: VAE, latents: np.ndarray, *, backend: Backend = "jax", tiling: Tiling | None = Tiling(),
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[jax.Device] | None = None, decode_tiles: TileFn | None = None,
 ) -> np.ndarray:
     """Denoised (1, C, T, H/16, W/16) latents -> (1, 3, 4(T-1)+1, H, W) float32 pixels in about [-1, 1].
 
     Latents are divided by the VAE's scaling factor first (the DiT works on scaled latents).
     With ``tiling``, a canvas larger than one tile on either side is decoded tile by tile
     (``tiled``), the tiles spread over ``devices`` (jax backend; default: all of this process's);
-    otherwise whole.
+    otherwise whole. ``decode_tiles``: a ``tile_decoder`` of ``vae`` kept from an earlier call, whose
+    weights are on device and whose tile shapes are compiled (default: a new one).
     """
     if latents.ndim != 5 or latents.shape[:2] != (1, vae.model.config.latent_channels):
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected "
                          f"(1, {vae.model.config.latent_channels}, T, H, W)")
     z = np.ascontiguousarray(latents / vae.scaling_factor, dtype=np.float32)
-    decode_tiles = tile_decoder(vae, backend, devices)
+    decode_tiles = decode_tiles or tile_decoder(vae, backend, devices)
     _, _, _, h, w = z.shape
     if tiling is None or (h <= tiling.tile_latent and w <= tiling.tile_latent):
         return decode_tiles(z)

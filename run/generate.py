@@ -8,8 +8,9 @@ super-resolution stage (SR DiT), stage 3 (VAE).
         --vision_encoder ckpts/vision_encoder/siglip --vae ckpts/vae
 
 Takes the union of the stages' flags (the SR model's prefixed with sr_) and runs them in one
-process, in a temporary folder beside --output_dir; only when all succeed are their files moved
-into --output_dir, so a failure (bad input found by any stage) leaves nothing behind.
+process through the Python API (``hunyuan_tpu.HunyuanVideoPipeline``), every setting checked
+before any model runs. The files are written in a temporary folder beside --output_dir and moved
+in when all are whole, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import stage2_sr
 import stage2_transformer as stage2
 import stage3_vae_decoder as stage3
 from hunyuan_tpu import handoff
+from hunyuan_tpu import stage_decode as sd
+from hunyuan_tpu import stage_encode as se
 from hunyuan_tpu.files import InputError, locked_folder, read_json, remove_stale_temporaries
-from hunyuan_tpu.vae import vae_config_latent_channels
-from stage_cli import Parser, add_vae_group, add_video_group, parse_joining, run_main
+from hunyuan_tpu.generation import CALL_SETTINGS, LOAD_SETTINGS, Generation, HunyuanVideoPipeline, has_record
+from hunyuan_tpu.stage_denoise import summary
+from stage_cli import Parser, add_vae_group, add_video_group, note, parse_joining, run_main
 
 
 def build_parser() -> Parser:
@@ -56,70 +60,18 @@ def build_parser() -> Parser:
     return p
 
 
-# generate.py's flags for the SR stage, under the names the SR stage takes them by
-SR_FLAGS = {"sr_model": "model", "sr_num_inference_steps": "num_inference_steps",
-            "sr_guidance_scale": "guidance_scale", "sr_flow_shift": "flow_shift"}
-
-
-def sr_args(args: argparse.Namespace, folder: str) -> argparse.Namespace:
-    """The SR stage's flags: the devices, kernels, dtype and seed of the base run (from stage 2's
-    record), its own model and sampling; no feature cache (the base run's schedule is for its steps)."""
-    own = stage_args(stage2_sr.build_parser(), args, input_dir=folder, output_dir=folder)
-    for cache_flag in (*stage2.CACHE_DEFAULTS, "magcache_calibrate"):
-        setattr(own, cache_flag, None)
-    for flag, name in SR_FLAGS.items():
-        setattr(own, name, getattr(args, flag))
-    own.sharding = own.mesh = None  # taken from stage 2's record, which adapts a CFG mesh to the SR batch
-    return own
-
-
-def stage_args(stage_parser: argparse.ArgumentParser, args: argparse.Namespace, **io: str) -> argparse.Namespace:
-    """The stage's own flags, taken from the union's parse (the rest at the stage's defaults)."""
-    own = stage_parser.parse_args([])
-    for key in vars(own):
-        if hasattr(args, key):
-            setattr(own, key, getattr(args, key))
-    for key, value in io.items():
-        setattr(own, key, value)
-    return own
-
-
-def check_stages(args: argparse.Namespace, folder: str) -> None:
-    """Every stage's settings, checked before stage 1 writes anything: a bad stage-2 or stage-3
-    flag is refused at once, not after the stages before it ran. (The SR stage's depend on
-    stage 2's output; they are checked when it starts.)"""
-    s1, _ = stage1.resolve_settings(stage_args(stage1.build_parser(), args, output_dir=folder))
-    handed = stage1.handoff_settings(s1, args.vae)
-    stage2.resolve_settings(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder), handed,
-                            "the command line")
-    three = stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder)
-    stage3.resolve_settings(three, {**handed, "stage2": {}}, "the command line")
-    if three.vae:  # its config only: the weights load when stage 3 starts
-        vae_config_latent_channels(three.vae)
-
-
-def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
-    started = time.perf_counter()
-    out_dir = Path(args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
-    check_stages(args, str(out_dir))
+def write_outputs(result: Generation, out_dir: Path) -> None:
+    """The hand-off files into ``out_dir``: written in a temporary folder beside it, then moved in
+    (config.json last: it is what says the folder is complete). A failure leaves nothing behind."""
     work = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     work.mkdir(parents=True)
     remove_stale_temporaries(out_dir.parent)  # work folders of killed runs
     try:
-        folder = str(work)
-        stage1.run(stage_args(stage1.build_parser(), args, output_dir=folder))
-        stage2.run(stage_args(stage2.build_parser(), args, input_dir=folder, output_dir=folder), devices)
-        if args.sr:
-            stage2_sr.run(sr_args(args, folder), devices)
-        stage3.run(stage_args(stage3.build_parser(), args, input_dir=folder, output_dir=folder), devices)
-        names = [handoff.EMBEDDINGS_NAME, handoff.LATENTS_NAME, handoff.VIDEO_NAME, handoff.FIRST_FRAME_NAME]
-        if args.sr:
-            names.append(handoff.SR_LATENTS_NAME)
+        result.save_outputs(work)
         with locked_folder(out_dir):
-            for name in (*names, handoff.CONFIG_NAME):  # config.json last: it is what says the folder is complete
+            for name in sorted(p.name for p in work.iterdir() if p.name != handoff.CONFIG_NAME):
                 os.replace(work / name, out_dir / name)
+            os.replace(work / handoff.CONFIG_NAME, out_dir / handoff.CONFIG_NAME)
     except InputError as e:  # named as the output folder the user gave, not the work folder that is gone
         raise InputError(e.template.replace(str(work), str(out_dir))) from None
     except OSError as e:
@@ -128,11 +80,38 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    config = read_json(out_dir / handoff.CONFIG_NAME)
-    stages = [("stage 1", "stage1"), ("stage 2", "stage2"), *([("SR", "sr")] if args.sr else []), ("stage 3", "stage3")]
+
+
+def summaries(config: dict, out_dir: Path) -> list[str]:
+    """Each stage's line, as the stage commands end."""
+    lines = [se.summary(config, out_dir / handoff.EMBEDDINGS_NAME),
+             summary("stage 2", config["stage2"], out_dir / handoff.LATENTS_NAME)]
+    if has_record(config, "sr"):
+        lines.append(summary("SR", config["sr"], out_dir / handoff.SR_LATENTS_NAME))
+    return [*lines, sd.summary(config["stage3"], out_dir / handoff.VIDEO_NAME)]
+
+
+def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -> int:
+    started = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
+    stage2.check_profiler(args)
+    stage2.use_compilation_cache(args)
+    writer = jax.process_index() == 0  # on several hosts, one writes the outputs
+    pipe = HunyuanVideoPipeline(devices=devices, note=note, source="the command line", progress=writer,
+                                **{key: getattr(args, key) for key in LOAD_SETTINGS})
+    profile = (args.profiler_output_dir, args.profiler_steps) if args.enable_profiler else None
+    result = pipe(args.prompt, profile=profile, **{key: getattr(args, key) for key in CALL_SETTINGS})
+    if writer:
+        write_outputs(result, out_dir)
+    config = read_json(out_dir / handoff.CONFIG_NAME) if writer else dict(result.config)
+    for line in summaries(config, out_dir):
+        print(line)
+    stages = [("stage 1", "stage1"), ("stage 2", "stage2"), *([("SR", "sr")] if has_record(config, "sr") else []),
+              ("stage 3", "stage3")]
     times = ", ".join(f"{label} {config[key]['total_s']:.2f} s" for label, key in stages)
-    total_s = time.perf_counter() - started
-    print(f"generate: {times} | total {total_s:.2f} s -> {out_dir / handoff.VIDEO_NAME}")
+    print(f"generate: {times} | total {time.perf_counter() - started:.2f} s -> {out_dir / handoff.VIDEO_NAME}")
     return 0
 
 

@@ -31,12 +31,12 @@ from hunyuan_tpu.dataset import EMPTY_PROMPT, bucket_name
 from hunyuan_tpu.dataset_builder import REPORT, DatasetBuilder, write_report
 from hunyuan_tpu.files import InputError, locked_folder
 from hunyuan_tpu.pipeline import RESOLUTION_BASE
+from hunyuan_tpu.settings import check_seed, dtype_of, model_config
+from hunyuan_tpu.stage_encode import ENCODER_DTYPES, Encoders, check_widths, encode_prompt, load_encoders, \
+    load_vae_setting
 from hunyuan_tpu.vae import BACKENDS, POSTERIORS, Tiling, posterior_latents, video_encoder
-from stage1_text_encoder import ENCODER_DTYPES, Encoders, add_encoder_group, check_widths, encode_prompt, \
-    encoders_from, load_vae_flag
-from stage_cli import (
-    Parser, add_model_flag, add_vae_group, check_seed, dtype_of, finite_float, model_config, run_main,
-)
+from stage1_text_encoder import add_encoder_group
+from stage_cli import Parser, add_model_flag, add_vae_group, finite_float, note, run_main
 
 EXIT_SKIPPED = 3
 
@@ -143,9 +143,9 @@ class Preparation:
         backend = args.encoder_backend or "auto"
         if backend == "auto":
             backend = "torch" if jax.default_backend() == "cpu" else "jax"
-        vae_dtype = dtype_of("--vae_dtype", args.vae_dtype or "float32")
-        self.encoders = encoders_from(args, config, dtypes, backend, vision=args.i2v)
-        self.vae = load_vae_flag(args, config, vae_dtype)
+        vae_dtype = dtype_of("vae_dtype", args.vae_dtype or "float32")
+        self.encoders = load_encoders(vars(args), config, dtypes, backend, note, vision=args.i2v)
+        self.vae = load_vae_setting(args.vae, config, vae_dtype, note)
         tiling = None if args.no_tiling else Tiling(args.tile_size, args.tile_overlap)
         self.moments = video_encoder(self.vae, backend=args.vae_backend, tiling=tiling)
         self.args, self.rule, self.resolution, self.dtypes = args, rule, resolution, dtypes
@@ -183,10 +183,10 @@ def _check(args: argparse.Namespace) -> tuple[cl.FrameRule, str, dict[str, torch
     check_seed("seed", args.seed)
     if args.shard_size < 1:
         raise InputError(f"--shard_size {args.shard_size} must be >= 1")
-    dtypes = {flag: dtype_of(f"--{flag}", getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
+    dtypes = {flag: dtype_of(flag, getattr(args, flag) or default) for flag, _, default in ENCODER_DTYPES}
     if not args.no_tiling:
         Tiling(args.tile_size, args.tile_overlap)
-    check_widths(args, config, args.model or "tiny", vision=args.i2v, vae=True)
+    check_widths(vars(args), config, args.model or "tiny", vision=args.i2v, vae=True)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output_dir {out}: exists and is not a folder")

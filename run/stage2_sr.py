@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,20 +31,15 @@ from typing import Sequence
 import jax
 
 import stage2_transformer as stage2
-from hunyuan_tpu import attention, handoff, parallel
+from hunyuan_tpu import handoff
 from hunyuan_tpu.cache import MagCacheCalibration
-from hunyuan_tpu.config import DiTConfig
-from hunyuan_tpu.files import InputError
-from hunyuan_tpu.pipeline import LATENT_CHANNELS, Denoiser, latent_shape
-from hunyuan_tpu.scan import stack_blocks
-from hunyuan_tpu.super_resolution import SR_VERSIONS, hr_canvas, prepare_lq, sr_conditions, sr_version
-from hunyuan_tpu.random_init import randomize_like_trained_
-from hunyuan_tpu.upsampler import RELEASED_CONFIGS, Upsampler, build, load_upsampler, tiny_upsampler, upsample
-from stage_cli import (
-    DTYPES, Parser, check_seed, dtype_of, finite_float, model_config, parse_joining, resolve, run_main,
-)
-
-KEY = "sr"
+from hunyuan_tpu.pipeline import LATENT_CHANNELS
+from hunyuan_tpu.settings import DTYPES
+from hunyuan_tpu.stage_denoise import DiT
+from hunyuan_tpu.stage_sr import KEY, Settings, resolve_settings, upsampler_of
+from hunyuan_tpu.super_resolution import prepare_lq, sr_conditions
+from hunyuan_tpu.upsampler import upsample
+from stage_cli import Parser, finite_float, note, parse_joining, run_main
 
 
 def add_sr_model_group(p: argparse.ArgumentParser, *, prefix: str = "") -> argparse._ArgumentGroup:
@@ -90,139 +84,6 @@ def build_parser() -> Parser:
     return p
 
 
-# taken from the stage-2 record when not given: the same machine, kernels and seed as the base run
-INHERITED = {
-    "dtype": (str, "bfloat16"),
-    "seed": (int, 42),
-    "sharding": (str, None),
-    "mesh": (str, None),
-    "attention": (str, "auto"),
-    "sparse_attention": (str, "auto"),
-    "splash_block_q": (int, attention.SPLASH_BLOCK_Q),
-    "splash_block_kv": (int, attention.SPLASH_BLOCK_KV),
-    "splash_block_kv_compute": (int, attention.SPLASH_BLOCK_KV_COMPUTE),
-    "warmup_steps": (int, 2),
-}
-OWN = {
-    "model": (str, None),
-    "upsampler": (str, None),
-    "lq_noise_seed": (int, None),
-    "checkpoint_every": (int, 0),
-    "dense_attention": (bool, False),
-    **stage2.CACHE_DEFAULTS,  # not stage 2's own: its schedule is for its steps
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings(stage2.DenoiseSettings):
-    """Every setting of an SR run: the upsampler, the LR noise and the canvases besides the
-    denoising ones (stage 2's names where they mean the same)."""
-
-    upsampler: str
-    lq_noise_seed: int
-    lr_latent_shape: tuple[int, int, int]
-    resolution: str
-    height: int
-    width: int
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return latent_shape(4 * (self.lr_latent_shape[0] - 1) + 1, self.height, self.width)
-
-
-def _default_model(base_model: str, resolution: str) -> str:
-    """The SR version's folder beside a base checkpoint (the official ``transformer/<version>``), or the
-    SR preset of a preset base run."""
-    version = sr_version(model_config(base_model), resolution)
-    base = Path(base_model)
-    if not base.exists():
-        return version
-    beside = base.parent / version
-    if beside.is_dir():
-        return str(beside)
-    raise InputError(f"--model: the base model {base_model} is a checkpoint without {beside} beside it; give the SR "
-                     f"checkpoint (transformer/{version})")
-
-
-def _default_upsampler(model: str) -> str:
-    """``upsampler/<version>`` of an official checkpoint root, or the preset's name (random weights)."""
-    path = Path(model)
-    if not path.exists():
-        return model
-    beside = path.parent.parent / "upsampler" / path.name
-    if beside.is_dir():
-        return str(beside)
-    raise InputError(f"--upsampler: none given and no {beside} (the official layout); give the upsampler folder")
-
-
-def resolve_settings(args: argparse.Namespace, stage_config: dict, lr_shape: tuple[int, ...],
-                     source: str) -> tuple[Settings, DiTConfig]:
-    """The run's settings and SR model configuration, each value checked."""
-    base = stage_config.get("stage2")
-    if not isinstance(base, dict):
-        raise InputError(f"{source}: no stage-2 record (run stage 2 first)")
-    s = resolve(args, base, INHERITED, f"{source} (stage2)")
-    s.update(resolve(args, {}, OWN, source))
-    dtype_of("--dtype", s["dtype"])
-    s["task"] = base.get("task", stage_config.get("task", "t2v"))
-    s["model"] = s["model"] or _default_model(base.get("model", "tiny"), base.get("resolution", "96p"))
-    config = model_config(s["model"])
-    if not config.super_resolution:
-        raise InputError(f"--model {s['model']}: not a super-resolution model (its input is {config.img_in_channels} "
-                         f"channels; an SR DiT takes {3 * config.latent_channels + 2})")
-    if config.ideal_task not in (None, s["task"]):
-        raise InputError(f"--model {s['model']} is trained for {config.ideal_task}, but the run is {s['task']}")
-    s["upsampler"] = s["upsampler"] or _default_upsampler(s["model"])
-    version = next((v for v in SR_VERSIONS if v in Path(s["model"]).parts or v == s["model"]), None)
-    # a checkpoint outside the official layout gets the 720p version's sampling
-    defaults = SR_VERSIONS[version or "720p_sr_distilled"].sampling
-    s.update(resolve(args, {}, {
-        "num_inference_steps": (int, defaults.num_inference_steps),
-        "guidance_scale": (float, defaults.guidance_scale),
-        "flow_shift": (float, defaults.flow_shift),
-    }, source))
-    if s["num_inference_steps"] < 1:
-        raise InputError(f"--num_inference_steps must be >= 1, got {s['num_inference_steps']}")
-    if s["flow_shift"] <= 0:
-        raise InputError(f"--flow_shift {s['flow_shift']} must be > 0 (the SR models' is 2)")
-    for key in ("warmup_steps", "checkpoint_every"):
-        if s[key] < 0:
-            raise InputError(f"--{key} must be >= 0, got {s[key]}")
-    attention.check_splash_blocks(s["splash_block_q"], s["splash_block_kv"], s["splash_block_kv_compute"])
-    if args.mesh is None and s["mesh"] and not s["guidance_scale"] > 1 and re.search(r"dp=([2-9]|\d\d)", s["mesh"]):
-        # stage 2's dp axis split its CFG batch; without CFG there is one sample: every device on the strategy's axis
-        print(f"SR: stage 2's mesh {s['mesh']} splits the CFG batch, the SR run has none: using the default mesh of "
-              f"{s['sharding'] or 'the default strategy'}", file=sys.stderr)
-        s["mesh"] = None
-    if s["lq_noise_seed"] is None:
-        # not the seed itself: the LR noise must not equal the initial noise
-        s["lq_noise_seed"] = (s["seed"] + 1) % 2**64
-    check_seed("seed", s["seed"])
-    check_seed("lq_noise_seed", s["lq_noise_seed"])
-    if s["dense_attention"]:
-        config = config.dense()
-    s["lr_latent_shape"] = tuple(int(n) for n in lr_shape[2:])
-    s["resolution"] = config.ideal_resolution or "720p"
-    _, h, w = hr_canvas(s["lr_latent_shape"], s["resolution"])
-    s["height"], s["width"] = h * 16, w * 16
-    stage2.settle_cache_type(s, source)
-    settings = Settings(**s)
-    settings.cache(config)  # checks the cache's settings
-    return settings, config
-
-
-def upsampler_of(name: str) -> Upsampler:
-    """The upsampler in a folder, or for an SR preset's name seeded random weights: the tiny twin
-    for tiny_sr, the released shape otherwise."""
-    if name not in SR_VERSIONS:
-        return load_upsampler(name)
-    print(f"upsampler for {name}: seeded random weights (no folder)", file=sys.stderr)
-    if name in RELEASED_CONFIGS:
-        class_name, config = RELEASED_CONFIGS[name]
-        return randomize_like_trained_(build(class_name, config), seed=0).eval()
-    return tiny_upsampler(SR_VERSIONS[name].upsampler)
-
-
 def fingerprint(settings: Settings, in_dir: Path) -> str:
     fixed = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("warmup_steps", "checkpoint_every")}
     digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode())
@@ -238,33 +99,23 @@ def build_sr(args: argparse.Namespace, devices: Sequence[jax.Device], hold: cont
     stage_config = handoff.read_config(in_dir)
     source = str(in_dir / handoff.CONFIG_NAME)
     lr = handoff.read_latents(in_dir)
-    s, config = resolve_settings(args, stage_config, lr.shape, source)
+    s, config = resolve_settings(vars(args), stage_config, lr.shape, source, note)
     calibrate = stage2.calibrating(args, s)
     embeddings = handoff.read_embeddings(in_dir, task=s.task, model=config, latent_hw=s.latent_shape[1:], sr=True)
-    upsampler = upsampler_of(s.upsampler)
-    placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1, devices=devices)
-    s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
-                            mesh=placement.mesh_spec)
-    kernel, sparse_kernel = stage2.kernels(s)
-    if args.profiler_steps < 1:
-        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
-    parallel.check_memory(config, placement, s.latent_shape, 2 if s.sampling.cfg else 1,
-                          DTYPES[s.dtype].itemsize, (devices or jax.devices())[0])
-    params = stage2.weights(s.model, s.dtype, config, placement)
+    upsampler = upsampler_of(s.upsampler, note)
+    stage2.check_profiler(args)
+    dit = DiT.load(s, config, devices, s.latent_shape, note)
+    s = dit.settled(s)
     begin = time.perf_counter()
     lq = prepare_lq(lr, s.latent_shape, lambda x: upsample(upsampler, x), s.lq_noise_seed)
     upsample_s = time.perf_counter() - begin
     conditions = sr_conditions(embeddings, lq, task=s.task, cfg=s.sampling.cfg, model=config)
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    stage2.use_compilation_cache(args)
     cache = MagCacheCalibration() if calibrate else s.cache(config)
     stage2.claim_output(out_dir, hold)
     run_id = fingerprint(s, in_dir)
     latents, start_step, state = stage2.start(s, out_dir / stage2.checkpoint_name(KEY), run_id, args.resume)
-    params = stack_blocks(params, donate=True)
-    denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
-                        sparse_attention=sparse_kernel, cache=cache)
+    denoiser = dit.denoiser(conditions, s, cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
     record = {"upsample_s": round(upsample_s, 3)}
     return stage2.Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s,

@@ -24,26 +24,19 @@ import jax
 import numpy as np
 
 import sharding
-from hunyuan_tpu import attention, handoff, parallel
-from hunyuan_tpu.cache import (
-    Calibration, DeepCache, FeatureCache, MagCache, MagCacheCalibration, NoCache, Schedule, TaylorCache, TeaCache,
-    read_calibration, write_calibration,
-)
+from hunyuan_tpu import attention, handoff
+from hunyuan_tpu.cache import MagCacheCalibration, write_calibration
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import InputError, locked_folder, read_safetensors, save_safetensors
-from hunyuan_tpu.lora import check_adapter, load_adapter, merge_adapter
-from hunyuan_tpu.params import model_params
 from hunyuan_tpu.pipeline import (
-    LATENT_CHANNELS, Denoiser, LoopResult, SamplingSettings, bucket_size, build_conditions, default_sampling,
-    denoise, initial_noise, latent_shape, released_variant,
+    LATENT_CHANNELS, Denoiser, LoopResult, build_conditions, denoise, initial_noise, latent_shape,
 )
-from hunyuan_tpu.runtime import gather_to_host, jax_dtype, to_host_array, to_torch
-from hunyuan_tpu.scan import stack_blocks
+from hunyuan_tpu.runtime import gather_to_host, to_host_array, to_torch
+from hunyuan_tpu.settings import DTYPES
+from hunyuan_tpu.stage_denoise import CACHE_TYPES, DiT, DenoiseSettings, Settings, calibration_target, check_finite, \
+    record, resolve_settings, summary, warm_up
 from hunyuan_tpu.synthetic import stage1_embeddings
-from stage_cli import (
-    DTYPES, Parser, add_model_flag, add_video_group, check_seed, dtype_of, finite_float, model_config, named_by_source,
-    parse_joining, resolve, run_main,
-)
+from stage_cli import Parser, add_model_flag, add_video_group, finite_float, note, parse_joining, run_main
 
 
 def checkpoint_name(key: str) -> str:
@@ -195,194 +188,6 @@ def build_parser() -> Parser:
     return p
 
 
-# the feature cache's settings, as stage 2 and the SR stage take them
-CACHE_TYPES = ("none", "deepcache", "teacache", "taylorcache", "magcache")
-CACHE_DEFAULTS = {
-    "cache_type": (str, None),
-    "enable_cache": (bool, False),
-    "cache_start_step": (int, Schedule.start),
-    "cache_end_step": (int, Schedule.end),
-    "cache_step_interval": (int, Schedule.interval),
-    "cache_keep_blocks": (int, DeepCache.keep_blocks),
-    "taylor_max_order": (int, TaylorCache.max_order),
-    "taylor_low_freqs_order": (int, TaylorCache.low_freqs_order),
-    "taylor_high_freqs_order": (int, TaylorCache.high_freqs_order),
-    "magcache_calibration": (str, None),
-    "magcache_threshold": (float, MagCache.threshold),
-    "magcache_max_skips": (int, MagCache.max_skips),
-    "magcache_retention_ratio": (float, MagCache.retention_ratio),
-}
-GENERAL_DEFAULTS = {
-    "model": (str, "tiny"),
-    "dtype": (str, "bfloat16"),
-    "task": (str, "t2v"),
-    "resolution": (str, None),
-    "aspect_ratio": (str, "16:9"),
-    "height": (int, None),
-    "width": (int, None),
-    "video_length": (int, 49),
-    "seed": (int, 42),
-    "warmup_steps": (int, 2),
-    "checkpoint_every": (int, 0),
-    "lora": (str, None),
-    "lora_scale": (float, 1.0),
-    "sharding": (str, None),
-    "mesh": (str, None),
-    "attention": (str, "auto"),
-    "sparse_attention": (str, "auto"),
-    "dense_attention": (bool, False),
-    "splash_block_q": (int, attention.SPLASH_BLOCK_Q),
-    "splash_block_kv": (int, attention.SPLASH_BLOCK_KV),
-    "splash_block_kv_compute": (int, attention.SPLASH_BLOCK_KV_COMPUTE),
-    **CACHE_DEFAULTS,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class DenoiseSettings:
-    """What a denoising stage (stage 2, the SR stage) runs with, resolved: the command line, else
-    the input config.json, else the default. The names are config.json's, which the record repeats."""
-
-    model: str
-    dtype: str
-    task: str
-    seed: int
-    warmup_steps: int
-    checkpoint_every: int
-    sharding: str | None
-    mesh: str | None
-    attention: str
-    sparse_attention: str
-    dense_attention: bool
-    splash_block_q: int
-    splash_block_kv: int
-    splash_block_kv_compute: int
-    cache_type: str
-    cache_start_step: int
-    cache_end_step: int
-    cache_step_interval: int
-    cache_keep_blocks: int
-    taylor_max_order: int
-    taylor_low_freqs_order: int
-    taylor_high_freqs_order: int
-    magcache_calibration: str | None
-    magcache_threshold: float
-    magcache_max_skips: int
-    magcache_retention_ratio: float
-    num_inference_steps: int
-    guidance_scale: float
-    flow_shift: float
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.flow_shift)
-
-    def cache(self, config: DiTConfig) -> FeatureCache:
-        """The run's feature cache, checked against ``config`` and the step count (a MagCache
-        calibration also against the model, LoRA and sampling it was measured with)."""
-        schedule = Schedule(self.cache_start_step, self.cache_end_step, self.cache_step_interval)
-        if self.cache_type == "magcache":
-            if not self.magcache_calibration:
-                raise InputError("--cache_type magcache needs --magcache_calibration FILE (write one with "
-                                 "--magcache_calibrate FILE)")
-            path = Path(self.magcache_calibration)
-            calibration = read_calibration(path)
-            calibration.check_run(self.calibration(config, ()), path)
-            cache = MagCache(calibration, self.magcache_threshold, self.magcache_max_skips,
-                             self.magcache_retention_ratio)
-        else:
-            cache = {
-                "none": NoCache(),
-                "deepcache": DeepCache(schedule, self.cache_keep_blocks),
-                "teacache": TeaCache(schedule),
-                "taylorcache": TaylorCache(schedule, self.taylor_max_order, self.taylor_low_freqs_order,
-                                           self.taylor_high_freqs_order),
-            }[self.cache_type]
-        cache.check(self.num_inference_steps, config.mm_double_blocks_depth)
-        return cache
-
-    def calibration(self, config: DiTConfig, ratios: Sequence[float]) -> Calibration:
-        """A MagCache calibration of this run: what it was measured with, and ``ratios``."""
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()
-        lora = getattr(self, "lora", None)
-        return Calibration(tuple(ratios), Path(self.model).name, lora and Path(lora).name, digest,
-                           self.flow_shift, self.guidance_scale)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings(DenoiseSettings):
-    """Every setting of a stage-2 run: the canvas and the adapter besides the denoising ones."""
-
-    resolution: str
-    aspect_ratio: str
-    height: int
-    width: int
-    video_length: int
-    lora: str | None
-    lora_scale: float
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return latent_shape(self.video_length, self.height, self.width)
-
-
-def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) -> tuple[Settings, DiTConfig]:
-    """The run's settings and model configuration, each value checked; a bad value is named as
-    its flag, or as its config.json key when it came from there."""
-    from_config: set[str] = set()
-    with named_by_source(from_config, source):
-        return _resolve_settings(args, stage_config, source, from_config)
-
-
-def _resolve_settings(args: argparse.Namespace, stage_config: dict, source: str, from_config: set[str]
-                      ) -> tuple[Settings, DiTConfig]:
-    s = resolve(args, stage_config, GENERAL_DEFAULTS, source, from_config)
-    dtype_of("dtype", s["dtype"])
-    if s["task"] not in handoff.TASKS:
-        raise InputError(f"{source}: task {s['task']!r} is not one of {', '.join(handoff.TASKS)}")
-    config = model_config(s["model"])
-    if config.ideal_task not in (None, s["task"]):
-        raise InputError(f"--model {s['model']} is trained for {config.ideal_task}, but the run is {s['task']}")
-    defaults = default_sampling(config, released_variant(s["model"]))
-    if s["dense_attention"]:
-        config = config.dense()
-    s.update(resolve(args, stage_config, {
-        "num_inference_steps": (int, defaults.num_inference_steps),
-        "guidance_scale": (float, defaults.guidance_scale),
-        "flow_shift": (float, defaults.flow_shift),
-    }, source, from_config))
-    attention.check_splash_blocks(s["splash_block_q"], s["splash_block_kv"], s["splash_block_kv_compute"])
-    if s["num_inference_steps"] < 1:
-        raise InputError(f"{{num_inference_steps}} must be >= 1, got {s['num_inference_steps']}")
-    for key in ("warmup_steps", "checkpoint_every"):
-        if s[key] < 0:
-            raise InputError(f"{{{key}}} must be >= 0, got {s[key]}")
-    if s["flow_shift"] <= 0:
-        raise InputError(f"{{flow_shift}} {s['flow_shift']} must be > 0 (the official shifts are 2 to 9)")
-    check_seed("seed", s["seed"])
-    s["resolution"] = s["resolution"] or config.ideal_resolution or "480p"
-    bucket_h, bucket_w = bucket_size(s["resolution"], s["aspect_ratio"])
-    s["height"] = bucket_h if s["height"] is None else s["height"]  # 0 is not "unset": latent_shape refuses it
-    s["width"] = bucket_w if s["width"] is None else s["width"]
-    latent_shape(s["video_length"], s["height"], s["width"])  # checks the three
-    settle_cache_type(s, source)
-    settings = Settings(**s)
-    settings.cache(config)  # checks the cache's settings
-    return settings, config
-
-
-def settle_cache_type(s: dict, source: str) -> None:
-    """``cache_type`` from ``--cache_type`` and ``--enable_cache`` (the official flag: deepcache
-    unless ``--cache_type`` names another cache)."""
-    enable = s.pop("enable_cache")
-    if s["cache_type"] is None:
-        s["cache_type"] = "deepcache" if enable else "none"
-    elif enable and s["cache_type"] == "none":
-        raise InputError("--enable_cache turns a cache on and --cache_type none turns it off: give one of them")
-    if s["cache_type"] not in CACHE_TYPES:
-        raise InputError(f"{source}: cache_type {s['cache_type']!r} is not one of {', '.join(CACHE_TYPES)}")
-
-
 def demo_config(folder: Path) -> dict:
     """The config.json ``--demo`` writes into ``folder`` (over an earlier demo's, never over real
     stage-1 outputs)."""
@@ -436,27 +241,6 @@ class Stage2:
         return self.out_dir / (handoff.LATENTS_NAME if self.key == "stage2" else f"{self.key}_{handoff.LATENTS_NAME}")
 
 
-def kernels(s: DenoiseSettings) -> tuple[attention.Kernel, attention.SparseKernel]:
-    """The dense and the block-sparse kernel of the run."""
-    dense = attention.kernel(s.attention, dtype=jax_dtype(DTYPES[s.dtype]), block_q=s.splash_block_q,
-                             block_kv=s.splash_block_kv, block_kv_compute=s.splash_block_kv_compute)
-    return dense, attention.sparse_kernel(s.sparse_attention)
-
-
-def weights(model: str, dtype: str, config: DiTConfig, placement: parallel.Placement, lora: str | None = None,
-            lora_scale: float = 1.0) -> dict:
-    """The DiT's weights on device, the adapter merged; read before the output folder exists,
-    so that a bad checkpoint or adapter leaves nothing behind."""
-    adapter = None
-    if lora:
-        adapter = load_adapter(lora)
-        check_adapter(adapter, config, lora)
-    if not Path(model).exists():
-        print(f"model {model}: seeded random weights (no checkpoint)", file=sys.stderr)
-    params = model_params(model, config, DTYPES[dtype], placement.params)
-    return params if adapter is None else merge_adapter(params, adapter, lora_scale)
-
-
 def start(s: DenoiseSettings, checkpoint_path: Path, run_id: str, resume: bool
           ) -> tuple[np.ndarray, int, dict[str, np.ndarray] | None]:
     """The latents and step to start from, and the cache's carried state there (None: as before
@@ -480,9 +264,7 @@ def calibrating(args: argparse.Namespace, s: DenoiseSettings) -> Path | None:
         return None
     if getattr(args, "resume", False):
         raise InputError("--magcache_calibrate measures every step from the first: drop --resume")
-    if s.cache_type != "none":
-        raise InputError(f"--magcache_calibrate runs every step in full: drop --cache_type {s.cache_type}")
-    return Path(args.magcache_calibrate)
+    return calibration_target(args.magcache_calibrate, s)
 
 
 def claim_output(folder: Path, hold: contextlib.ExitStack) -> None:
@@ -492,30 +274,33 @@ def claim_output(folder: Path, hold: contextlib.ExitStack) -> None:
         hold.enter_context(locked_folder(folder))
 
 
-def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None, hold: contextlib.ExitStack) -> Stage2:
+def check_profiler(args: argparse.Namespace) -> None:
+    if args.profiler_steps < 1:
+        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
+
+
+def use_compilation_cache(args: argparse.Namespace) -> None:
+    """JAX's persistent compilation cache in ``--compilation_cache_dir``, if given."""
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def build(args: argparse.Namespace, devices: Sequence[jax.Device], hold: contextlib.ExitStack) -> Stage2:
     """Resolve the settings, place the weights and compile the step(s); the output folder is
     held until ``hold`` closes."""
     out_dir = Path(args.output_dir or args.input_dir)
     in_dir = out_dir if args.demo else Path(args.input_dir)
     stage_config = demo_config(out_dir) if args.demo else handoff.read_config(in_dir)
-    s, config = resolve_settings(args, stage_config, str(in_dir / handoff.CONFIG_NAME))
+    s, config = resolve_settings(vars(args), stage_config, str(in_dir / handoff.CONFIG_NAME))
     calibrate = calibrating(args, s)
     read_embeddings = functools.partial(handoff.read_embeddings, in_dir, task=s.task, model=config,
                                         latent_hw=s.latent_shape[1:])
     embeddings = None if args.demo else read_embeddings()
-    placement = parallel.placement(config, s.sharding, s.mesh, batch=2 if s.sampling.cfg else 1,
-                                   devices=devices)
-    s = dataclasses.replace(s, sharding=placement.strategy.name if placement.strategy else None,
-                            mesh=placement.mesh_spec)
-    kernel, sparse_kernel = kernels(s)
-    if args.profiler_steps < 1:
-        raise InputError(f"--profiler_steps must be >= 1, got {args.profiler_steps}")
-    parallel.check_memory(config, placement, s.latent_shape, 2 if s.sampling.cfg else 1,
-                          DTYPES[s.dtype].itemsize, (devices or jax.devices())[0])
-    params = weights(s.model, s.dtype, config, placement, s.lora, s.lora_scale)
-    if args.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    check_profiler(args)
+    dit = DiT.load(s, config, devices, s.latent_shape, note)
+    s = dit.settled(s)
+    use_compilation_cache(args)
     cache = MagCacheCalibration() if calibrate else s.cache(config)
     claim_output(out_dir, hold)
     if args.demo:  # every setting is checked by now: a refused run leaves no demo inputs behind
@@ -524,40 +309,10 @@ def build(args: argparse.Namespace, devices: Sequence[jax.Device] | None, hold: 
     conditions = build_conditions(embeddings, task=s.task, shape=s.latent_shape, cfg=s.sampling.cfg, model=config)
     run_id = fingerprint(s, in_dir / handoff.EMBEDDINGS_NAME)
     latents, start_step, state = start(s, out_dir / CHECKPOINT_NAME, run_id, args.resume)
-    # the blocks' weights stacked by layer for the scanned step, each group freed once stacked (peak: one copy)
-    params = stack_blocks(params, donate=True)
-    denoiser = Denoiser(config, params, conditions, s.sampling, placement=placement, attention=kernel,
-                        sparse_attention=sparse_kernel, cache=cache)
+    denoiser = dit.denoiser(conditions, s, cache)
     compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
     return Stage2(s, denoiser, latents, start_step, in_dir, out_dir, stage_config, run_id, compile_s,
                   state=state, calibrate=calibrate)
-
-
-def warm_up(run: Stage2, args: argparse.Namespace) -> float:
-    """Untimed steps on a copy of the latents (and the profiler's, if asked); returns seconds."""
-    begin = time.perf_counter()
-    denoiser, steps = run.denoiser, run.settings.num_inference_steps
-    warm = denoiser.place(run.latents)
-    state = denoiser.initial_state(warm.shape)
-    warm_steps = list(range(min(run.settings.warmup_steps, steps)))
-    cached_steps = [i for i in range(steps) if not denoiser.is_full(i)]
-    if warm_steps and cached_steps:  # the first run of the cached step's executable is not timed either
-        warm_steps.append(cached_steps[0])
-    for i in warm_steps:
-        if denoiser.is_full(i):
-            state = denoiser.carried(state)  # frees what the full step replaces, as the timed loop does
-        warm, state = denoiser.step(warm, i, state)
-    jax.block_until_ready(warm)
-    seconds = time.perf_counter() - begin
-    if args.enable_profiler:  # extra steps on the warm-up copy, so the timed loop stays untraced
-        first = cached_steps[0] - 1 if cached_steps else 0  # a full step, then the cached ones after it
-        with jax.profiler.trace(args.profiler_output_dir):
-            for n in range(args.profiler_steps):
-                with jax.profiler.StepTraceAnnotation("denoise", step_num=n):
-                    warm, state = denoiser.step(warm, (first + n) % steps, state)
-                    warm.block_until_ready()
-        print(f"profiler: {args.profiler_steps} steps traced to {args.profiler_output_dir}", file=sys.stderr)
-    return seconds
 
 
 def execute(run: Stage2, writer: bool) -> tuple[LoopResult, list[float]]:
@@ -587,43 +342,18 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
            ratios: Sequence[float] = ()) -> None:
     """Write the latents and the run's record into config.json, and print one summary line; latents
     that are not finite replace nothing."""
-    if not np.isfinite(result.latents).all():
-        causes = "{guidance_scale}, {flow_shift}, or {lora_scale} and the LoRA" if run.key == "stage2" else \
-            "{guidance_scale} or {flow_shift}"
-        raise InputError(f"the denoised latents hold NaN or inf: nothing written to {run.out_dir} (likely cause: "
-                         + causes + ")")
+    check_finite(result.latents, run.key, str(run.out_dir))
     handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
     if run.calibrate:
         write_calibration(run.settings.calibration(run.denoiser.config, ratios), run.calibrate)
         run.record["magcache_calibrate"] = str(run.calibrate)
-    seconds, full = np.array(result.step_seconds), np.array(result.full, bool)
-    mean = lambda a: float(a.mean()) if a.size else 0.0  # noqa: E731
-    total_s = time.perf_counter() - started
-    record = {
-        **dataclasses.asdict(run.settings),
-        **run.record,
-        "latent_shape": list(run.settings.latent_shape),
-        "steps": len(seconds),
-        "full_steps": int(full.sum()),
-        "cached_steps": int((~full).sum()),
-        "mean_full_step_s": round(mean(seconds[full]), 4),
-        "mean_cached_step_s": round(mean(seconds[~full]), 4),
-        "resumed_from_step": run.start_step,
-        "compile_s": round(run.compile_s, 3),
-        "warmup_s": round(warmup_s, 3),
-        "mean_step_s": round(mean(seconds), 4),
-        "total_s": round(total_s, 3),
-        "devices": {"count": len(devices), "platform": devices[0].platform, "kind": devices[0].device_kind},
-    }
+    rec = record(run.settings, run.settings.latent_shape, result, run.start_step, run.compile_s, warmup_s,
+                 time.perf_counter() - started, devices, run.record)
     # new base latents make an earlier SR stage's stale: its record goes, so stage 3 ignores its latents
     kept = {k: v for k, v in run.stage_config.items() if not (run.key == "stage2" and k == "sr")}
-    handoff.write_config(run.out_dir, {**kept, run.key: record})
+    handoff.write_config(run.out_dir, {**kept, run.key: rec})
     run.checkpoint_path.unlink(missing_ok=True)
-    cached_part = f", {int((~full).sum())} cached (mean {mean(seconds[~full]):.4f} s)" if (~full).any() else ""
-    label = "stage 2" if run.key == "stage2" else run.key.upper()
-    print(f"{label}: compile {run.compile_s:.2f} s | {len(seconds)} steps, mean {mean(seconds):.4f} s/step: "
-          f"{int(full.sum())} full (mean {mean(seconds[full]):.4f} s){cached_part} | "
-          f"total {total_s:.2f} s -> {run.latents_path}")
+    print(summary("stage 2" if run.key == "stage2" else run.key.upper(), rec, run.latents_path))
     if run.calibrate:
         print(f"MagCache calibration -> {run.calibrate}: magnitude ratios {min(ratios):.3f} to {max(ratios):.3f}. "
               "On real weights, run --cache_type magcache --magcache_calibration with the same settings and compare "
@@ -636,7 +366,8 @@ def run_built(build_run: Callable[[contextlib.ExitStack], Stage2], args: argpars
     writer = jax.process_index() == 0  # on several hosts, one writes the outputs
     with contextlib.ExitStack() as hold:
         built = build_run(hold)
-        warmup_s = warm_up(built, args)
+        profile = (args.profiler_output_dir, args.profiler_steps) if args.enable_profiler else None
+        warmup_s = warm_up(built.denoiser, built.latents, built.settings.warmup_steps, note, profile)
         result, ratios = execute(built, writer)
         if writer:
             report(built, result, warmup_s, started, devices, ratios)

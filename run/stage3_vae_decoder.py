@@ -16,7 +16,6 @@ The record in config.json names the latents file decoded and the device count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,11 @@ from typing import Any, Sequence
 import jax
 
 from hunyuan_tpu import handoff
+from hunyuan_tpu import stage_decode as sd
 from hunyuan_tpu.files import InputError, locked_folder
-from hunyuan_tpu.vae import BACKENDS, Tiling, decode, load_vae, tiny_vae, to_frames
+from hunyuan_tpu.vae import BACKENDS
 from hunyuan_tpu.video import FPS, write_mp4, write_png
-from stage_cli import Parser, add_vae_group, dtype_of, finite_float, named_by_source, resolve, run_main
+from stage_cli import Parser, add_vae_group, finite_float, note, run_main
 
 
 def add_decode_group(p: argparse.ArgumentParser) -> None:
@@ -64,44 +64,6 @@ def build_parser() -> Parser:
     return p
 
 
-DEFAULTS = {
-    "vae": (str, None),
-    "vae_dtype": (str, "float32"),
-    "backend": (str, "jax"),
-    "tile_size": (int, 256),
-    "tile_overlap": (float, 0.125),
-    "fps": (int, FPS),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """A stage-3 run's settings, resolved: command line, else the input config.json, else the default."""
-
-    vae: str | None
-    vae_dtype: str
-    backend: str
-    tile_size: int
-    tile_overlap: float
-    fps: int
-
-
-def resolve_settings(args: argparse.Namespace, stage_config: dict, source: str) -> tuple[Settings, Tiling | None]:
-    """The settings and the tiling (None with --no_tiling), each value checked."""
-    if "stage2" not in stage_config:
-        raise InputError(f"{source}: no \"stage2\" entry: latents.safetensors is not from this run's stage 2 "
-                         "(run it first)")
-    from_config: set[str] = set()
-    s = Settings(**resolve(args, stage_config, DEFAULTS, source, from_config))
-    with named_by_source(from_config, source):  # a bad value is named as its flag or config.json key
-        dtype_of("{vae_dtype}", s.vae_dtype)
-        if s.backend not in BACKENDS:
-            raise InputError(f"{{backend}} {s.backend!r} is not one of {', '.join(BACKENDS)}")
-        if s.fps < 1:
-            raise InputError(f"{{fps}} must be >= 1, got {s.fps}")
-        return s, None if args.no_tiling else Tiling(s.tile_size, s.tile_overlap)
-
-
 def latents_name(choice: str, in_dir: Path, stage_config: dict[str, Any], source: str) -> str:
     """The latents file that ``--latents`` picks. SR latents count only with the SR stage's record
     in config.json: stage 1 starts that file afresh, so a leftover from an earlier run has none."""
@@ -129,26 +91,17 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
     out_dir = Path(args.output_dir or args.input_dir)
     stage_config = handoff.read_config(in_dir)
     source = str(in_dir / handoff.CONFIG_NAME)
-    s, tiling = resolve_settings(args, stage_config, source)
+    s, tiling = sd.resolve_settings(vars(args), stage_config, source)
     latents_file = latents_name(args.latents, in_dir, stage_config, source)
     latents = handoff.read_latents(in_dir, name=latents_file)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--output_dir {out_dir}: exists and is not a folder")
 
     load_begin = time.perf_counter()
-    vae_dtype = dtype_of("--vae_dtype", s.vae_dtype)
-    if s.vae:
-        vae = load_vae(s.vae, vae_dtype)
-    else:
-        print(f"stage 3: no --vae: a tiny VAE with seeded random weights ({latents.shape[1]} latent channels)",
-              file=sys.stderr)
-        vae = tiny_vae(latents.shape[1], vae_dtype)
+    decoder = sd.Decoder(sd.load(s, latents.shape[1], note), jax.local_devices() if devices is None else devices)
     load_s = time.perf_counter() - load_begin
-
-    devices = list(jax.local_devices() if devices is None else devices)  # as hunyuan_tpu.vae.tile_mesh
-    device_count = len(devices) if s.backend == "jax" else 1  # eager torch: this CPU
     decode_begin = time.perf_counter()
-    frames = to_frames(decode(vae, latents, backend=s.backend, tiling=tiling, devices=devices))
+    frames = decoder.frames(latents, s.backend, tiling)
     decode_s = time.perf_counter() - decode_begin
 
     with locked_folder(out_dir):  # another run writing here is refused; a killed run's temporaries go
@@ -156,20 +109,11 @@ def run(args: argparse.Namespace, devices: Sequence[jax.Device] | None = None) -
         write_mp4(out_dir / handoff.VIDEO_NAME, frames, fps=s.fps)
         write_png(out_dir / handoff.FIRST_FRAME_NAME, frames[0])
         write_s = time.perf_counter() - write_begin
-        total_s = time.perf_counter() - started
-        record = {
-            **dataclasses.asdict(s), "vae": vae.source, "latents": latents_file,
-            "tiling": None if tiling is None else {"tile_px": tiling.tile_px, "overlap": tiling.overlap},
-            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-            "load_s": round(load_s, 3), "decode_s": round(decode_s, 3), "write_s": round(write_s, 3),
-            "total_s": round(total_s, 3), "device": devices[0].device_kind if s.backend == "jax" else "cpu",
-            "device_count": device_count,
-        }
+        seconds = {"load_s": load_s, "decode_s": decode_s, "write_s": write_s,
+                   "total_s": time.perf_counter() - started}
+        record = sd.record(s, decoder, tiling, frames, latents_file, seconds)
         handoff.update_config(out_dir, {**stage_config, "stage3": record})
-    print(f"stage 3: {latents_file} -> {record['frames']} frames of {record['width']}x{record['height']} "
-          f"({s.backend}) on {device_count} device{'s' if device_count > 1 else ''} | "
-          f"load {load_s:.2f} s, decode {decode_s:.2f} s, write {write_s:.2f} s | total {total_s:.2f} s "
-          f"-> {out_dir / handoff.VIDEO_NAME}")
+    print(sd.summary(record, out_dir / handoff.VIDEO_NAME))
     return 0
 
 

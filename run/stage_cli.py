@@ -1,30 +1,26 @@
-"""What the stage scripts share: one-line errors with exit code 2, setting precedence, and the
-flags that more than one stage takes (defined once, so that generate.py's union has each once)."""
+"""What the stage scripts share: one-line errors with exit code 2, library settings written as
+their flags, and the flags that more than one stage takes (defined once, so that generate.py's
+union has each once). How the settings are settled is the library's (``hunyuan_tpu.settings``)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import jax
-import torch
 
 from hunyuan_tpu import parallel
-from hunyuan_tpu.checkpoint import checkpoint_config
-from hunyuan_tpu.config import PRESETS, DiTConfig
-from hunyuan_tpu.files import InputError
+from hunyuan_tpu.config import PRESETS
+from hunyuan_tpu.files import InputError, render_settings
 from hunyuan_tpu.pipeline import RESOLUTION_BASE
+from hunyuan_tpu.settings import DTYPES
 
 EXIT_BAD_INPUT = 2
 EXIT_ENVIRONMENT = 1  # the file system refused (read-only, full, a file where a folder goes)
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,59 +42,14 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _from_config(value: Any, kind: type) -> Any:
-    """A config.json value as ``kind``, refusing what a cast would bend: a bool or a fraction for
-    an int, a bool or a non-finite number for a float."""
-    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError
-    if kind is int and value != int(value):
-        raise ValueError
-    if kind is float and not math.isfinite(value):
-        raise ValueError
-    return kind(value)
-
-
-def resolve(
-    args: argparse.Namespace, config: dict[str, Any], defaults: dict[str, tuple[type, Any]], source: str,
-    from_config: set[str] | None = None,
-) -> dict[str, Any]:
-    """Each setting from the command line if given, else from the stage config.json (``source``),
-    else its default. ``defaults`` maps a setting to (type, default value); ``from_config``
-    collects the names of the settings config.json gave."""
-    out = {}
-    for key, (kind, default) in defaults.items():
-        value = getattr(args, key, None)  # settings without a flag (task) come from the config
-        if value is None and config.get(key) is not None:
-            try:
-                value = _from_config(config[key], kind)
-            except (TypeError, ValueError, OverflowError):
-                allowed = {int: "an integer", float: "a finite number"}.get(kind, f"a {kind.__name__}")
-                raise InputError(f"{source}: {key}={config[key]!r} is not {allowed}") from None
-            if from_config is not None:
-                from_config.add(key)
-        out[key] = default if value is None else value
-    return out
-
-
-@contextlib.contextmanager
-def named_by_source(from_config: set[str], source: str) -> Iterator[None]:
-    """Library errors raised in the block name a setting that config.json gave as its key there
-    (``source: video_length 50 ...``), the others as their flags."""
-    try:
-        yield
-    except InputError as e:
-        raise InputError(e.render(lambda name: f"{source}: {name}" if name in from_config else f"{{{name}}}")) from None
-
-
-def check_seed(name: str, value: int) -> None:
-    """A seed torch's generator takes (0 to 2**64 - 1), refused by name otherwise."""
-    if not 0 <= value < 2**64:
-        raise InputError(f"--{name} {value} must be between 0 and 2**64 - 1")
-
-
 def flag(setting: str) -> str:
     """The command-line flag of a library setting (every flag is the setting's name)."""
     return f"--{setting}"
+
+
+def note(template: str) -> None:
+    """What a library call says on the way, on stderr, its settings written as flags."""
+    print(render_settings(template, flag), file=sys.stderr)
 
 
 def parse_joining(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -157,21 +108,6 @@ def _leave(code: int) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def model_config(name: str) -> DiTConfig:
-    """The DiT configuration behind --model: a checkpoint's, or a preset's."""
-    if Path(name).exists():
-        return checkpoint_config(name)
-    if name in PRESETS:
-        return DiTConfig.preset(name)
-    raise InputError(f"--model {name}: no such checkpoint file or folder, and not a preset ({', '.join(PRESETS)})")
-
-
-def dtype_of(flag: str, name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise InputError(f"{flag} {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def add_model_flag(group: argparse._ArgumentGroup) -> None:

@@ -26,12 +26,11 @@ from hunyuan_tpu.files import InputError
 from hunyuan_tpu.lora import TARGET_PRESETS, LoRASpec
 from hunyuan_tpu.objective import SAMPLINGS, Objective
 from hunyuan_tpu.runtime import jax_dtype
+from hunyuan_tpu.settings import DTYPES, check_seed, dtype_of, model_config
 from hunyuan_tpu.synthetic import training_samples
 from hunyuan_tpu.train_loop import RunSettings, train
 from hunyuan_tpu.training import OPTIMIZERS, SCHEDULES, OptimizerSettings
-from stage_cli import (
-    DTYPES, Parser, add_model_flag, check_seed, dtype_of, finite_float, model_config, parse_joining, run_main,
-)
+from stage_cli import Parser, add_model_flag, finite_float, parse_joining, run_main
 
 # --demo: a 16-sample synthetic set trained on the tiny preset, a few minutes on a 2-core CPU.
 DEMO = {"model": "tiny", "dtype": "float32", "max_steps": 150, "learning_rate": 2e-3, "batch_size": 4,
@@ -139,7 +138,7 @@ def settings_from(args: argparse.Namespace, devices: Sequence[jax.Device] | None
         raise InputError("--data DIR is required (or --demo for a synthetic set)")
     model = pick(args, "model", "tiny")
     config = model_config(model)
-    dtype = dtype_of("--dtype", pick(args, "dtype", "bfloat16"))
+    dtype = dtype_of("dtype", pick(args, "dtype", "bfloat16"))
     for flag in ("batch_size", "max_steps", "validation_steps", "keep_checkpoints", "gradient_accumulation_steps"):
         if pick(args, flag, 1) < 1:
             raise InputError(f"--{flag} must be >= 1")

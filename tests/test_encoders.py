@@ -2,7 +2,6 @@
 encoder from the layout the real weights come in (tiny random models saved in that layout)."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from hunyuan_tpu import text_encoding as te
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.pipeline import bucket_size
 from hunyuan_tpu.random_init import randomize_like_trained_
+from official_layout import glyph_layout
 from qwen_like_tokenizer import qwen_like_tokenizer
 
 
@@ -132,22 +132,6 @@ def test_load_llm_from_a_qwen25_vl_folder(llm, tmp_path):
         te.llm_width(tmp_path)
 
 
-def _glyph_layout(root, encoder: T5EncoderModel, wrapped: bool):
-    """The official ckpts/text_encoder layout: byt5-small/ beside Glyph-SDXL-v2/."""
-    base, glyph = root / "byt5-small", root / "Glyph-SDXL-v2"
-    encoder.config.save_pretrained(base)
-    ByT5Tokenizer().save_pretrained(base)
-    (glyph / "assets").mkdir(parents=True)
-    (glyph / "checkpoints").mkdir()
-    (glyph / "assets" / "color_idx.json").write_text(json.dumps({"white": 0, "black": 1}))
-    (glyph / "assets" / "multilingual_10-lang_idx.json").write_text(json.dumps({"en-Roboto": 0, "zh-Song": 1, "fr-Arial": 2}))
-    state = encoder.encoder.state_dict()
-    if wrapped:
-        state = {"state_dict": {"module.text_tower.encoder." + k: v for k, v in state.items()}}
-    torch.save(state, glyph / "checkpoints" / "byt5_model.pt")
-    return glyph
-
-
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_load_byt5_from_the_glyph_layout(tmp_path, wrapped):
     tokenizer = ByT5Tokenizer()
@@ -156,7 +140,7 @@ def test_load_byt5_from_the_glyph_layout(tmp_path, wrapped):
     encoder = T5EncoderModel(config)
     encoder.resize_token_embeddings(len(tokenizer) + 5, mean_resizing=False)  # 2 colors + 3 fonts
     randomize_like_trained_(encoder, seed=3).eval()
-    glyph = _glyph_layout(tmp_path, encoder, wrapped)
+    glyph = glyph_layout(tmp_path, encoder, wrapped)
     encoder.config.vocab_size = len(tokenizer)  # byt5-small's own config: without the Glyph tokens
     encoder.config.save_pretrained(tmp_path / "byt5-small")
     assert te.byt5_width(glyph) == 32

@@ -85,17 +85,19 @@ def test_compiled_once_for_five_steps(task):
 
 
 def test_trimmed_padding_gives_the_same_latents():
-    """A dense model's image does not see padded slots: trimmed conditions, and the sparse
-    models' (no slot dropped, t2v's masked vision tokens added), give the same latents."""
-    model, emb, settings = _setup("t2v", steps=3)
+    """A dense model's image does not see padded slots: trimmed conditions (the LLM's 300 slots,
+    225 valid, kept to 256: a multiple of TEXT_BUCKET), and the sparse models' (no slot dropped,
+    t2v's masked vision tokens added), give the same latents."""
+    model, _, settings = _setup("t2v", steps=3)
+    emb = {k: v.numpy() for k, v in stage1_embeddings(model.config, latent_hw=SHAPE[1:], text_len=300, seed=3).items()}
     noise = pipeline.initial_noise(1, SHAPE)
     outs = []
     for sparse in (False, True):
         conditions = pipeline.build_conditions(emb, task="t2v", shape=SHAPE, cfg=True,
                                                model=DiTConfig.preset("tiny_sparse") if sparse else None)
         outs.append(pipeline.denoise(_denoiser(model, conditions, settings), noise, progress=False).latents)
-        trimmed = conditions["prompt_embeds"].shape[1] < emb["prompt_embeds"].shape[1]
-        assert trimmed != sparse
+        assert conditions["prompt_embeds"].shape[1] == (300 if sparse else 2 * pipeline.TEXT_BUCKET)
+        assert conditions["prompt_embeds_2"].shape[1] == 16  # under one bucket: all 16 slots stay
         assert ("vision_mask" in conditions) == sparse
     assert conditions["vision_states"].shape == (2, pipeline.T2V_VISION_TOKENS, 48)
     assert not conditions["vision_mask"].any()

@@ -29,7 +29,7 @@ from hunyuan_tpu.random_init import randomize_like_trained_
 from hunyuan_tpu.synthetic import moving_ball
 from hunyuan_tpu.vae import posterior_latents, tiny_vae, video_encoder
 from hunyuan_tpu.video import write_mp4, write_png
-from stage1_text_encoder import Encoders, encode_prompt
+from hunyuan_tpu.stage_encode import Encoders, encode_prompt
 
 CFG = DiTConfig.preset("tiny")
 # 24 fps sources cut to 5 or 9 frames; 96p buckets: 128x72 -> 96x160, 72x128 -> 160x96, 64x64 -> 128x128.

@@ -87,7 +87,7 @@ def _per_block(strategy: str, kind: str, field: int = 0) -> float:
 
 def test_collectives_follow_from_the_tables():
     cfg = _config(2)
-    batch, image, text = 2, math.prod(SHAPE), 32  # CFG pair; 84 tokens; 24 LLM + 8 ByT5 slots after trimming
+    batch, image, text = 2, math.prod(SHAPE), 48  # CFG pair; 84 tokens; 32 LLM + 16 ByT5 slots (under a TEXT_BUCKET)
     stream_bytes = 4 * batch * (image + text) * cfg.hidden_size  # one f32 (B, L+S, C) activation
     # An all-reduce exists only to sum partial products: after a matmul whose contraction
     # dimension is split across devices. tp splits it in the four row-parallel matmuls of a

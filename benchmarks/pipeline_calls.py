@@ -1,0 +1,178 @@
+"""What loading once saves: the Python API's calls against fresh command runs.
+
+    python benchmarks/pipeline_calls.py measure     # the tiny default on this machine (about 1.5 min)
+    python benchmarks/pipeline_calls.py project     # the full-size fixed costs of a run, for v6e-8
+
+``measure``: a fresh ``run/generate.py`` process (the README's first command: tiny models, 96p,
+49 frames, 50 steps), then in one process ``HunyuanVideoPipeline.from_pretrained("tiny")`` and
+four calls: the same settings, another prompt at the same shape, a new size (1:1, 128x128), and
+another prompt at that size. Each call's seconds are its stages' records; "compiling" is what
+JAX reported tracing, lowering and compiling during the call (jax.monitoring), so the rest of a
+call is running. Then the command again, so a busy moment does not land on one side only.
+
+``project``: what a fresh command pays before its first step that a second call does not, at full
+size (720p_t2v, 720p x 121 frames): the checkpoint bytes it reads (parameter counts of the released
+shapes on the meta device, 2 bytes each), at the read bandwidths given; the DiT step's trace and
+compile on this CPU (the scanned step, tp_fc2_replicated tp=8 on 8 virtual devices, the attention
+stand-in of ``compile_size.py``); Python's imports, measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from timing import load, pin_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = 'A neon sign that says "OPEN" flickers on a rainy street at night'
+GB = 1e9
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def fresh_command(folder: Path) -> tuple[float, dict]:
+    """A fresh ``generate.py`` process: its wall seconds and its config.json."""
+    import json
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "run" / "generate.py"), "--prompt", PROMPT, "--output_dir",
+                    str(folder)], check=True, capture_output=True)
+    return time.perf_counter() - begin, json.loads((folder / "config.json").read_text())
+
+
+def _row(label: str, wall: float, config: dict, compiling: float | str) -> str:
+    s1, s2, s3 = config["stage1"], config["stage2"], config["stage3"]
+    steps = f"{s2['steps']} x {s2['mean_step_s']:.3f}"
+    jax_s = compiling if isinstance(compiling, str) else f"{compiling:.2f}"
+    return (f"| {label} | {wall:.2f} | {s1['load_s']:.2f} + {s1['encode_s']:.2f} | {s2['compile_s']:.2f} | {steps} | "
+            f"{s3['load_s']:.2f} + {s3['decode_s']:.2f} | {jax_s} |")
+
+
+def measure(args: argparse.Namespace) -> None:
+    import jax
+
+    from hunyuan_tpu import HunyuanVideoPipeline
+
+    seconds: list[float] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS:
+            seconds.append(duration)
+
+    print(f"load average {load():.2f} at the start; {os.cpu_count()} cores, jax {jax.__version__}\n")
+    print("| run | wall s | stage 1 load + encode s | DiT compile s | steps x s/step | stage 3 load + decode s | "
+          "compiling s (JAX) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, config = fresh_command(Path(tmp) / "first")
+        print(_row("fresh `generate.py` process (imports included)", wall, config, "n/a"), flush=True)
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        begin = time.perf_counter()
+        pipe = HunyuanVideoPipeline.from_pretrained("tiny", devices=jax.devices()[:1], progress=False,
+                                                    note=lambda _: None)
+        load_s, loading = time.perf_counter() - begin, sum(seconds)
+        print(f"| `from_pretrained(\"tiny\")` | {load_s:.2f} | | | | | {loading:.2f} |", flush=True)
+        calls = [("call 1: the default settings", PROMPT, {}), ("call 2: another prompt, same shape",
+                 "a cat walks on the grass, realistic", {"seed": 7}),
+                 ("call 3: a new size (1:1, 128x128)", PROMPT, {"aspect_ratio": "1:1"}),
+                 ("call 4: another prompt at that size", "waves roll onto a beach", {"aspect_ratio": "1:1"})]
+        for label, prompt, options in calls:
+            seconds.clear()
+            begin = time.perf_counter()
+            result = pipe(prompt, **options)
+            print(_row(label, time.perf_counter() - begin, dict(result.config), sum(seconds)), flush=True)
+        jax.monitoring.unregister_event_duration_listener(listener)
+        wall, config = fresh_command(Path(tmp) / "second")
+        print(_row("fresh `generate.py` process, again", wall, config, "n/a"), flush=True)
+    print(f"\nload average {load():.2f} at the end")
+
+
+def parameter_bytes() -> dict[str, float]:
+    """The released models' parameters x 2 bytes (the checkpoints' bfloat16), from their shapes."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo15
+    from transformers import Qwen2_5_VLForConditionalGeneration, SiglipVisionModel, T5EncoderModel
+
+    from hunyuan_tpu import parallel
+    from hunyuan_tpu.config import DiTConfig
+    from released_configs import byt5_config, qwen_vl_config, siglip_config
+
+    def count(build) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build().parameters())
+
+    return {
+        "DiT (transformer/720p_t2v)": 2 * sum(math.prod(s) for s in parallel.param_shapes(
+            DiTConfig.preset("720p_t2v")).values()),
+        "Qwen2.5-VL-7B-Instruct, whole (text_encoder/llm)": 2 * count(
+            lambda: Qwen2_5_VLForConditionalGeneration(qwen_vl_config())),
+        "Glyph-ByT5 (text_encoder/Glyph-SDXL-v2)": 2 * count(lambda: T5EncoderModel(byt5_config())),
+        "VAE (vae)": 2 * count(AutoencoderKLHunyuanVideo15),
+        "SigLIP (vision_encoder/siglip, i2v only)": 2 * count(lambda: SiglipVisionModel(siglip_config())),
+    }
+
+
+def import_seconds() -> float:
+    """A fresh interpreter importing what ``generate.py`` imports, best of 3."""
+    code = "import hunyuan_tpu.generation, hunyuan_tpu.vae, hunyuan_tpu.stage_denoise"
+    best = math.inf
+    for _ in range(3):
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        best = min(best, time.perf_counter() - begin)
+    return best
+
+
+def project(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from compile_size import LAYOUTS, RUNNERS
+    from compile_size import measure as compile_step
+    from hunyuan_tpu import pipeline
+    from hunyuan_tpu.config import DiTConfig
+    from hunyuan_tpu.synthetic import full_text_conditions
+
+    print(f"load average {load():.2f} at the start\n")
+    sizes = parameter_bytes()
+    rates = args.read_gbps
+    print("| checkpoint | GB (bf16) | " + " | ".join(f"read s at {r:g} GB/s" for r in rates) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in rates) + " |")
+    for name, size in sizes.items():
+        print(f"| {name} | {size / GB:.2f} | " + " | ".join(f"{size / GB / r:.1f}" for r in rates) + " |")
+    t2v = sum(v for k, v in sizes.items() if "i2v only" not in k)
+    print(f"| a t2v run reads | {t2v / GB:.2f} | " + " | ".join(f"{t2v / GB / r:.1f}" for r in rates) + " |\n")
+
+    preset = DiTConfig.preset("720p_t2v")
+    shape = pipeline.latent_shape(121, *pipeline.bucket_size("720p", "16:9"))
+    settings = pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0)
+    host = pipeline.device_conditions(full_text_conditions(preset, shape, 256, 128), settings, jnp.float32)
+    m = compile_step(preset, LAYOUTS["tp_fc2_replicated tp=8"], RUNNERS["scan"], shape, host, settings)
+    print(f"DiT step (720p_t2v, {shape} latents, CFG, scanned, tp_fc2_replicated tp=8, XLA:CPU): lowering "
+          f"{m.lower_s:.1f} s, compile {m.compile_s:.1f} s")
+    print(f"Python imports of generate.py (fresh interpreter, best of 3): {import_seconds():.1f} s")
+    print(f"\nload average {load():.2f} at the end")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("measure", "project"))
+    p.add_argument("--threads", type=int, help="CPUs to use (default: all this process may)")
+    p.add_argument("--read_gbps", type=float, nargs="+", default=[0.25, 2.0],
+                   help="checkpoint read bandwidths for the projection, GB/s (default: %(default)s)")
+    args = p.parse_args()
+    threads = pin_threads(args.threads)
+    if args.what == "project":  # before jax is imported: compile_size's 8 virtual devices
+        from hunyuan_tpu.launch import with_cpu_devices
+        os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 8)
+    print(f"{threads} thread(s)")
+    (measure if args.what == "measure" else project)(args)
+
+
+if __name__ == "__main__":
+    main()
