@@ -1,5 +1,6 @@
 """run/stage1_text_encoder.py, run/stage3_vae_decoder.py and run/generate.py end to end on the
-weight-free tiny default: the README's first command as a subprocess, the rest in-process."""
+weight-free tiny default: the README's first command as a subprocess, the rest in-process. (The
+stage commands chained equal generate.py and the Python API byte for byte: test_generation.py.)"""
 
 import json
 import re
@@ -57,19 +58,6 @@ def test_default_run_makes_a_video_in_under_two_minutes(default_run):
     assert embeddings["prompt_embeds"].shape == (1, 1000, 64) and embeddings["prompt_embeds_2"].shape == (1, 256, 32)
     assert embeddings["prompt_mask_2"].sum() > 0 and embeddings["negative_prompt_mask_2"].sum() == 0
     assert "vision_states" not in embeddings
-
-
-def test_three_stages_equal_generate(default_run, tmp_path):
-    folder = default_run[0]
-    cli("stage1_text_encoder.py", "--prompt", PROMPT, "--output_dir", tmp_path)
-    cli("stage2_transformer.py", "--input_dir", tmp_path)
-    cli("stage3_vae_decoder.py", "--input_dir", tmp_path)
-    for name in ("embeddings.safetensors", "latents.safetensors"):
-        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
-    # The same latents decode to pixels that differ by ~3e-6 between this process (an XLA CPU
-    # client of 8 devices) and generate's (1 device), which moves a uint8 by one now and then.
-    staged = iio.imread(tmp_path / "first_frame.png").astype(int)
-    assert np.abs(staged - iio.imread(folder / "first_frame.png").astype(int)).max() <= 1
 
 
 def test_stage3_eager_torch_equals_jax(default_run, tmp_path):

@@ -23,7 +23,7 @@ from hunyuan_tpu.generation import STAGES, official_paths
 from hunyuan_tpu.vae import encode_image, tiny_vae
 from official_layout import official_root
 
-FAST = {"video_length": 9, "num_inference_steps": 3}  # 3 x 6 x 10 latents on the tiny models
+FAST = {"video_length": 5, "num_inference_steps": 2}  # 2 x 6 x 10 latents on the tiny models
 
 
 def quiet(template: str) -> None:
@@ -40,8 +40,8 @@ def test_a_second_call_compiles_nothing_and_a_new_shape_compiles_once(pipe, tmp_
     loaded = dict(pipe.load_seconds)
     assert set(loaded) == {"encoders", "transformer", "vae"}
     first = pipe('A neon sign that says "OPEN"', seed=1, **FAST)
-    assert first.frames.shape == (9, 96, 160, 3) and first.frames.dtype == np.uint8 and first.fps == 24
-    assert first.latents.shape == (1, 32, 3, 6, 10) and first.config["stage2"]["compile_s"] > 0
+    assert first.frames.shape == (5, 96, 160, 3) and first.frames.dtype == np.uint8 and first.fps == 24
+    assert first.latents.shape == (1, 32, 2, 6, 10) and first.config["stage2"]["compile_s"] > 0
     assert set(first.timings) == {"stage1", "stage2", "stage3"} and first.timings["stage3"]["decode_s"] > 0
     with compiles.recorded() as compiled:
         # another prompt (of the same text bucket), seed, guidance and shift: other values, the same shapes
@@ -51,24 +51,33 @@ def test_a_second_call_compiles_nothing_and_a_new_shape_compiles_once(pipe, tmp_
     assert not np.array_equal(first.frames, second.frames)
     with compiles.recorded() as compiled:
         square = pipe("a cat", aspect_ratio="1:1", **FAST)  # 128 x 128: a new shape
-    assert square.frames.shape == (9, 128, 128, 3)
+    assert square.frames.shape == (5, 128, 128, 3)
     assert sorted(compiled) == ["jit(decode_tile)", "jit(step)"], compiled  # the step once, not once per step
     with compiles.recorded() as compiled:
         pipe("a dog", aspect_ratio="1:1", **FAST)
     assert compiled == []
     video = square.save(tmp_path / "square.mp4")
-    assert iio.imread(video).shape == (9, 128, 128, 3)
+    assert iio.imread(video).shape == (5, 128, 128, 3)
 
 
 def test_call_equals_generate_cli_with_an_image_and_super_resolution(pipe, tmp_path):
-    """One code path: generate.py's files hold the call's tensors, byte for byte (i2v and SR: every
-    stage and the image conditions), and the SR models load on the first call that asks."""
+    """One code path: generate.py's files, and those of the four stage commands chained through
+    the hand-off folder, hold the call's tensors byte for byte (i2v and SR: every stage and the
+    image conditions); the SR models load on the first call that asks."""
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8)).save(tmp_path / "first.png")
-    out = tmp_path / "out"
+    out, staged = tmp_path / "out", tmp_path / "staged"
     proc = cli_runner.call("generate.py", "--prompt", "the waves roll in", "--image", tmp_path / "first.png",
                            "--output_dir", out, "--video_length", 9, "--num_inference_steps", 4, "--sr",
                            "--sr_num_inference_steps", 3)
+    cli_runner.call("stage1_text_encoder.py", "--prompt", "the waves roll in", "--image", tmp_path / "first.png",
+                    "--output_dir", staged, "--video_length", 9, "--sr")
+    cli_runner.call("stage2_transformer.py", "--input_dir", staged, "--num_inference_steps", 4)
+    cli_runner.call("stage2_sr.py", "--input_dir", staged, "--num_inference_steps", 3)
+    cli_runner.call("stage3_vae_decoder.py", "--input_dir", staged)
+    for name in ("embeddings.safetensors", "latents.safetensors", "sr_latents.safetensors", "video.mp4",
+                 "first_frame.png"):
+        assert (staged / name).read_bytes() == (out / name).read_bytes(), name
     assert "no --vision_encoder" in proc.stderr and re.search(r"SR [\d.]+ s, stage 3", proc.stdout)
     c = json.loads((out / "config.json").read_text())
     assert (c["task"], c["height"], c["width"]) == ("i2v", 112, 144)  # the 4:3 bucket of the 96p family
