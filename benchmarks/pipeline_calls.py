@@ -8,7 +8,9 @@
 four calls: the same settings, another prompt at the same shape, a new size (1:1, 128x128), and
 another prompt at that size. Each call's seconds are its stages' records; "compiling" is what
 JAX reported tracing, lowering and compiling during the call (jax.monitoring), so the rest of a
-call is running. Then the command again, so a busy moment does not land on one side only.
+call is running. Then the command again and the two second calls again: fresh processes and
+loaded calls take turns, on one thread budget (the child inherits this process's CPUs), so a
+busy moment does not land on one side only.
 
 ``project``: what a fresh command pays before its first step that a second call does not, at full
 size (720p_t2v, 720p x 121 frames): the checkpoint bytes it reads (parameter counts of the released
@@ -33,6 +35,9 @@ from timing import load, pin_threads
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 'A neon sign that says "OPEN" flickers on a rainy street at night'
 GB = 1e9
+TEXT_SLOTS, BYT5_SLOTS = 256, 128  # a prompt of 129-256 LLM tokens with quoted text, in TEXT_BUCKET multiples
+# The seed TPU port's README: its first run on v6e-8 takes "60 s and more", which it puts down to XLA compiling.
+SEED_FIRST_RUN_S = 60
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 
@@ -87,9 +92,15 @@ def measure(args: argparse.Namespace) -> None:
             begin = time.perf_counter()
             result = pipe(prompt, **options)
             print(_row(label, time.perf_counter() - begin, dict(result.config), sum(seconds)), flush=True)
-        jax.monitoring.unregister_event_duration_listener(listener)
         wall, config = fresh_command(Path(tmp) / "second")
         print(_row("fresh `generate.py` process, again", wall, config, "n/a"), flush=True)
+        for label, prompt, options in calls[1::2]:  # the second calls again, after the second fresh process
+            seconds.clear()
+            begin = time.perf_counter()
+            result = pipe(prompt, **options)
+            print(_row(label.replace(":", " again:", 1), time.perf_counter() - begin, dict(result.config),
+                       sum(seconds)), flush=True)
+        jax.monitoring.unregister_event_duration_listener(listener)
     print(f"\nload average {load():.2f} at the end")
 
 
@@ -129,14 +140,13 @@ def import_seconds() -> float:
     return best
 
 
-def project(args: argparse.Namespace) -> None:
+def project(args: argparse.Namespace, srp) -> None:
+    """``srp``: the sr_projection module, imported first (it sets the thread budget and 8 virtual devices)."""
     import jax.numpy as jnp
 
     from compile_size import LAYOUTS, RUNNERS
     from compile_size import measure as compile_step
-    from hunyuan_tpu import pipeline
-    from hunyuan_tpu.config import DiTConfig
-    from hunyuan_tpu.synthetic import full_text_conditions
+    from hunyuan_tpu import parallel, pipeline, projection
 
     print(f"load average {load():.2f} at the start\n")
     sizes = parameter_bytes()
@@ -148,14 +158,38 @@ def project(args: argparse.Namespace) -> None:
     t2v = sum(v for k, v in sizes.items() if "i2v only" not in k)
     print(f"| a t2v run reads | {t2v / GB:.2f} | " + " | ".join(f"{t2v / GB / r:.1f}" for r in rates) + " |\n")
 
-    preset = DiTConfig.preset("720p_t2v")
+    chip, preset, layout = projection.CHIPS["v6e"], "720p_t2v", ("tp_fc2_replicated", "tp=8")
     shape = pipeline.latent_shape(121, *pipeline.bucket_size("720p", "16:9"))
-    settings = pipeline.SamplingSettings(num_inference_steps=50, guidance_scale=6.0)
-    host = pipeline.device_conditions(full_text_conditions(preset, shape, 256, 128), settings, jnp.float32)
-    m = compile_step(preset, LAYOUTS["tp_fc2_replicated tp=8"], RUNNERS["scan"], shape, host, settings)
-    print(f"DiT step (720p_t2v, {shape} latents, CFG, scanned, tp_fc2_replicated tp=8, XLA:CPU): lowering "
+    cfg, conditions, settings = projection.preset_step(preset, shape, TEXT_SLOTS, BYT5_SLOTS)
+    host = pipeline.device_conditions(conditions, settings, jnp.float32)
+    m = compile_step(cfg, LAYOUTS[" ".join(layout)], RUNNERS["scan"], shape, host, settings)
+    compile_s = m.lower_s + m.compile_s
+    print(f"DiT step ({preset}, {shape} latents, CFG, scanned, {' '.join(layout)}, XLA:CPU): lowering "
           f"{m.lower_s:.1f} s, compile {m.compile_s:.1f} s")
-    print(f"Python imports of generate.py (fresh interpreter, best of 3): {import_seconds():.1f} s")
+    imports_s = import_seconds()
+    print(f"Python imports of generate.py (fresh interpreter, best of 3): {imports_s:.1f} s")
+
+    placement = parallel.placement(cfg, *layout, batch=2)
+    attention = projection.dense_attention_flops(cfg, 2, projection.padded_tokens(shape, placement), TEXT_SLOTS,
+                                                 BYT5_SLOTS)
+    step = projection.project_step(cfg, placement, shape, conditions, settings, chip, attention_flops=attention)
+    decode = srp.Surroundings.of("720p_sr_distilled", shape, chip, 8)
+    steps = settings.num_inference_steps
+    roofline = steps * step.roofline.step_s + decode.decode_s
+    seeded = steps * srp.SEED_S_PER_STEP + decode.decode_s
+    runs = {"roofline": roofline, f"the seed port's {srp.SEED_S_PER_STEP} s/step": seeded}
+    print(f"\nThe run, the same for a fresh command and a loaded pipeline: {steps} steps at "
+          f"{step.roofline.step_s:.2f} s (roofline upper) + the VAE decode {decode.decode_s:.1f} s "
+          f"(the H100's share of peak) = {roofline:.0f} s; at the seed's measured step {seeded:.0f} s.")
+    print("\nWhat a fresh command pays besides, and that against the run (a loaded pipeline's second call: 0):\n")
+    print("| read GB/s | compile s | imports + read + compile s | " + " | ".join(f"/ run ({k})" for k in runs) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in runs) + " |")
+    for rate in rates:
+        for compile_label, seconds in ((f"{compile_s:.1f} (XLA:CPU, this step)", compile_s),
+                                       (f"{SEED_FIRST_RUN_S} (the seed's first run)", SEED_FIRST_RUN_S)):
+            extra = imports_s + t2v / GB / rate + seconds
+            print(f"| {rate:g} | {compile_label} | {extra:.0f} | "
+                  + " | ".join(f"{extra / run:.2f}" for run in runs.values()) + " |")
     print(f"\nload average {load():.2f} at the end")
 
 
@@ -166,12 +200,13 @@ def main() -> None:
     p.add_argument("--read_gbps", type=float, nargs="+", default=[0.25, 2.0],
                    help="checkpoint read bandwidths for the projection, GB/s (default: %(default)s)")
     args = p.parse_args()
-    threads = pin_threads(args.threads)
-    if args.what == "project":  # before jax is imported: compile_size's 8 virtual devices
-        from hunyuan_tpu.launch import with_cpu_devices
-        os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 8)
-    print(f"{threads} thread(s)")
-    (measure if args.what == "measure" else project)(args)
+    if args.what == "project":
+        import sr_projection  # first: it sets the thread budget (--threads) and 8 virtual devices
+        print(f"{sr_projection.THREADS} thread(s)")
+        project(args, sr_projection)
+    else:
+        print(f"{pin_threads(args.threads)} thread(s)")
+        measure(args)
 
 
 if __name__ == "__main__":

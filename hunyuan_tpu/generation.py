@@ -220,13 +220,16 @@ class HunyuanVideoPipeline:
         handed = s1.handoff()
         s2, config = resolve_settings(given, handed, self.source)
         calibration_target(given.get("magcache_calibrate"), s2)
-        if self._dit is not None:  # a batch or canvas the loaded model's placement cannot take
+        # a batch or canvas a loaded model's placement cannot take (DiT.load checks a model it loads)
+        if self._dit is not None:
             self._dit.check_run(s2, s2.latent_shape, self.devices[0])
         s3, tiling = sd.resolve_settings(given, {**handed, "stage2": {}}, self.source)
         if s3.vae and self._decoder is None:  # its config only, so that a bad folder is refused before anything runs
             vae_config_latent_channels(s3.vae)
         if given.get("sr"):
-            self._sr_settings(given, {**handed, "stage2": dataclasses.asdict(s2)}, s2.latent_shape, quiet=True)
+            sr, _ = self._sr_settings(given, {**handed, "stage2": dataclasses.asdict(s2)}, s2.latent_shape, quiet=True)
+            if self._sr is not None:
+                self._sr[0].check_run(sr, sr.latent_shape, self.devices[0])
         return Plan(given, s1, image, s2, config, s3, tiling)
 
     def _sr_settings(self, given: Mapping[str, Any], stage_config: Mapping[str, Any], lr_shape: tuple[int, ...],
@@ -346,8 +349,8 @@ class HunyuanVideoPipeline:
     def _run(self, dit: DiT, s: DenoiseSettings, conditions: dict[str, np.ndarray], calibrate: str | None, key: str,
              started: float, extra: Mapping[str, Any] = {}, profile: tuple[str, int] | None = None
              ) -> tuple[np.ndarray, dict]:
-        """A denoising stage on ``dit``: compile (once per signature), warm up, denoise, check, record."""
-        dit.check_run(s, s.latent_shape, self.devices[0])
+        """A denoising stage on ``dit``: compile (once per signature), warm up, denoise, check, record.
+        Whether ``dit`` can take the run was checked by the plan or by loading it."""
         cache = MagCacheCalibration() if calibrate else s.cache(dit.config)
         denoiser = dit.denoiser(conditions, s, cache)
         compile_s = denoiser.compile((1, LATENT_CHANNELS, *s.latent_shape))
@@ -356,7 +359,7 @@ class HunyuanVideoPipeline:
         ratios: list[float] = []
         on_step = (lambda step, x, state: ratios.append(float(state["ratio"]))) if calibrate else None
         result = denoise(denoiser, latents, on_step=on_step, progress=self.progress)
-        check_finite(result.latents, key, "the result")
+        check_finite(result.latents, key, "no video made")
         extra = dict(extra)
         if calibrate:
             write_calibration(s.calibration(dit.config, ratios), Path(calibrate))

@@ -341,13 +341,13 @@ def warm_up(denoiser: Denoiser, latents: np.ndarray, warmup_steps: int, note: No
     return seconds
 
 
-def check_finite(latents: np.ndarray, key: str, where: str) -> None:
-    """Refuse denoised latents that hold NaN or inf, naming the settings that likely caused them."""
+def check_finite(latents: np.ndarray, key: str, consequence: str) -> None:
+    """Refuse denoised latents that hold NaN or inf, saying ``consequence`` (what was not made) and
+    naming the settings that likely caused them."""
     if not np.isfinite(latents).all():
         causes = "{guidance_scale}, {flow_shift}, or {lora_scale} and the LoRA" if key == "stage2" else \
             "{guidance_scale} or {flow_shift}"
-        raise InputError(f"the denoised latents hold NaN or inf: nothing written to {where} (likely cause: "
-                         + causes + ")")
+        raise InputError(f"the denoised latents hold NaN or inf: {consequence} (likely cause: " + causes + ")")
 
 
 def record(s: DenoiseSettings, latent_shape: tuple[int, ...], result: LoopResult, start_step: int, compile_s: float,

@@ -342,7 +342,7 @@ def report(run: Stage2, result: LoopResult, warmup_s: float, started: float, dev
            ratios: Sequence[float] = ()) -> None:
     """Write the latents and the run's record into config.json, and print one summary line; latents
     that are not finite replace nothing."""
-    check_finite(result.latents, run.key, str(run.out_dir))
+    check_finite(result.latents, run.key, f"nothing written to {run.out_dir}")
     handoff.write_latents(run.out_dir, result.latents, run.latents_path.name)
     if run.calibrate:
         write_calibration(run.settings.calibration(run.denoiser.config, ratios), run.calibrate)

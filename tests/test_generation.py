@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import cli_runner
 import compiles
-from hunyuan_tpu import HunyuanVideoPipeline
+from adapters import tiny_adapter
+from hunyuan_tpu import Generation, HunyuanVideoPipeline
 from hunyuan_tpu import image_condition as ic
 from hunyuan_tpu.files import InputError
 from hunyuan_tpu.generation import STAGES, official_paths
@@ -153,6 +154,24 @@ def test_from_pretrained_loads_siglip_for_an_i2v_checkpoint(tmp_path):
     assert set(pipe.load_seconds) == {"encoders", "vision_encoder", "transformer", "vae"}
     with pytest.raises(InputError, match="model .*480p_i2v is trained for i2v, but the run is t2v"):
         pipe("a cat")
+
+
+def test_a_non_finite_result_is_an_error_not_a_video(tmp_path):
+    """A finite but absurd adapter strength blows the latents up: an InputError naming the likely
+    settings, and no Generation."""
+    pipe = HunyuanVideoPipeline.from_pretrained("tiny", lora=tiny_adapter(tmp_path), lora_scale=1e30,
+                                                devices=jax.devices()[:1], note=quiet, progress=False)
+    with pytest.raises(InputError, match="denoised latents hold NaN or inf: no video made .*lora_scale and the LoRA"):
+        pipe("x", **FAST)
+
+
+def test_a_video_is_saved_as_mp4_only(pipe, tmp_path):
+    video = Generation(np.zeros((1, 16, 16, 3), np.uint8), 24, np.zeros((1, 32, 1, 1, 1), np.float32),
+                       np.zeros((1, 32, 1, 1, 1), np.float32), {}, {})
+    with pytest.raises(InputError, match="path .*clip.gif: the video is written as .mp4"):
+        video.save(tmp_path / "clip.gif")
+    assert not (tmp_path / "clip.gif").exists()
+    assert iio.imread(video.save(tmp_path / "clip.mp4")).shape == (1, 16, 16, 3)
 
 
 def test_from_pretrained_names_what_the_root_lacks(tmp_path):

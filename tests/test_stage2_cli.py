@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cli_runner
+from adapters import tiny_adapter
 from hunyuan_tpu.checkpoint import save_transformer
-from hunyuan_tpu.lora import LoRASpec, init_adapter, save_adapter
 from hunyuan_tpu.config import DiTConfig
 from hunyuan_tpu.files import locked_folder
 from hunyuan_tpu.model import HunyuanVideo15DiT
@@ -361,23 +361,12 @@ def test_bad_input(case, demo, tmp_path):
         assert (folder / "latents.safetensors").read_bytes() == b"previous run"
 
 
-def _adapter(folder: Path, poison: bool = False) -> Path:
-    """A rank-2 LoRA file for the tiny model, B nonzero; with ``poison`` one weight is NaN."""
-    spec = LoRASpec(rank=2, alpha=2.0)
-    weights = init_adapter(HunyuanVideo15DiT(DiTConfig.preset("tiny")), spec, seed=0)
-    weights = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) if ".lora_B." in k else t
-               for k, t in weights.items()}
-    if poison:
-        next(t for k, t in weights.items() if ".lora_B." in k)[0, 0] = float("nan")
-    return save_adapter(folder / ("nan.safetensors" if poison else "adapter.safetensors"), weights, spec)
-
-
 def test_non_finite_result_replaces_nothing(demo, tmp_path):
     # a finite but absurd adapter strength blows the latents up: exit 2, the earlier output untouched
     folder = tmp_path / "in"
     shutil.copytree(demo, folder)
     (folder / "latents.safetensors").write_bytes(b"previous run")
-    common = ["--lora", _adapter(tmp_path), "--lora_scale", 1e30, "--num_inference_steps", 2, "--warmup_steps", 0]
+    common = ["--lora", tiny_adapter(tmp_path), "--lora_scale", 1e30, "--num_inference_steps", 2, "--warmup_steps", 0]
     proc = stage2("--input_dir", folder, "--output_dir", tmp_path / "new", *common, check=False)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
@@ -387,7 +376,7 @@ def test_non_finite_result_replaces_nothing(demo, tmp_path):
     assert stage2("--input_dir", folder, *common, check=False).returncode == 2
     assert (folder / "latents.safetensors").read_bytes() == b"previous run"
     # a NaN in the file itself is refused before anything runs
-    proc = stage2("--input_dir", folder, "--lora", _adapter(tmp_path, poison=True), check=False)
+    proc = stage2("--input_dir", folder, "--lora", tiny_adapter(tmp_path, poison=True), check=False)
     assert proc.returncode == 2 and "nan.safetensors: tensor" in proc.stderr and "holds NaN or inf" in proc.stderr
 
 
