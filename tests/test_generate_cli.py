@@ -156,6 +156,8 @@ def test_full_disk_is_one_line_and_leaves_no_output(default_run, tmp_path):
         args = ["--prompt", PROMPT] if not script.startswith(("stage2", "stage3")) else ["--input_dir", default_run[0]]
         if script.startswith(("stage2", "generate")):  # generate.py writes once every stage has run
             args += ["--num_inference_steps", 2]
+        if script.startswith("generate"):
+            args += ["--video_length", 5]
         command = cli_runner.command(script, *args, "--output_dir", folder / "out")
         # files of at most 8 KiB (bash's ulimit -f counts KiB), for the process and its ffmpeg
         running[script] = subprocess.Popen(["bash", "-c", 'ulimit -f 8 && exec "$@"', "bash", *command],
